@@ -1,0 +1,126 @@
+//! `migrate`: the ledger's own schema, then the project's `migrations/`
+//! (refinery `V{n}__name.sql`), under an advisory lock so that concurrent
+//! migrates apply each migration once.
+
+use std::path::Path;
+
+use anyhow::{Context as _, Result};
+
+use crate::db::Database;
+use crate::engine::application_name;
+use crate::error::Failure;
+use crate::ledger::{Ledger, Locks};
+
+/// A migration that was applied, for the report.
+#[derive(Clone, Debug, serde::Serialize)]
+pub struct Applied {
+    /// `ledger` or `project`.
+    pub set: &'static str,
+    pub version: i64,
+    pub name: String,
+}
+
+/// Applies the ledger's migrations, then those in `dir` (if it exists).
+pub async fn migrate(
+    database: &Database,
+    ledger: &Ledger,
+    dir: &Path,
+    lock_timeout: Option<std::time::Duration>,
+) -> Result<Vec<Applied>> {
+    let project = load_dir(dir)?;
+    let mut client = database.connect(&application_name("migrate")).await?;
+    let locks = Locks::new(ledger.schema());
+    locks.lock(&client, "migrate", "migrate", lock_timeout).await?;
+    let result = apply(&mut client, ledger, project).await;
+    locks.unlock(&client, "migrate").await.ok();
+    result
+}
+
+async fn apply(
+    client: &mut tokio_postgres::Client,
+    ledger: &Ledger,
+    project: Vec<refinery::Migration>,
+) -> Result<Vec<Applied>> {
+    let mut applied = Vec::new();
+    client
+        .batch_execute(&ledger.create_schema_sql())
+        .await
+        .context("creating the ledger schema")?;
+    let (ledger_migrations, history) = ledger.migrations()?;
+    let report = refinery::Runner::new(&ledger_migrations)
+        .set_migration_table_name(&history)
+        .run_async(client)
+        .await
+        .map_err(|e| anyhow::anyhow!("{}", refinery_error(&e)))
+        .context("applying the ledger's migrations")?;
+    for m in report.applied_migrations() {
+        applied.push(Applied {
+            set: "ledger",
+            version: m.version() as i64,
+            name: m.name().to_string(),
+        });
+    }
+    if !project.is_empty() {
+        let report = refinery::Runner::new(&project)
+            .run_async(client)
+            .await
+            .map_err(|e| anyhow::anyhow!("{}", refinery_error(&e)))
+            .context("applying the project's migrations")?;
+        for m in report.applied_migrations() {
+            applied.push(Applied {
+                set: "project",
+                version: m.version() as i64,
+                name: m.name().to_string(),
+            });
+        }
+    }
+    Ok(applied)
+}
+
+/// refinery wraps the driver's error; show the database's message whole.
+fn refinery_error(e: &refinery::Error) -> String {
+    let mut text = e.to_string();
+    let mut source = std::error::Error::source(e);
+    while let Some(s) = source {
+        let piece = match s.downcast_ref::<tokio_postgres::Error>() {
+            Some(pg) => match pg.as_db_error() {
+                Some(db) => crate::db::describe_db_error(db),
+                None => pg.to_string(),
+            },
+            None => s.to_string(),
+        };
+        if piece != "db error" && !text.contains(&piece) {
+            text.push_str(&format!("\n  {}", piece.replace('\n', "\n  ")));
+        }
+        source = s.source();
+    }
+    text
+}
+
+/// Reads `V{n}__name.sql` files; anything else ending in `.sql` is an error.
+fn load_dir(dir: &Path) -> Result<Vec<refinery::Migration>> {
+    if !dir.exists() {
+        return Ok(Vec::new());
+    }
+    let mut files: Vec<_> = std::fs::read_dir(dir)
+        .with_context(|| format!("reading {}", dir.display()))?
+        .filter_map(|e| e.ok())
+        .map(|e| e.path())
+        .filter(|p| p.extension().is_some_and(|x| x == "sql"))
+        .collect();
+    files.sort();
+    let mut out = Vec::new();
+    for path in files {
+        let stem = path.file_stem().unwrap().to_string_lossy().to_string();
+        let sql = std::fs::read_to_string(&path)
+            .with_context(|| format!("reading {}", path.display()))?;
+        let m = refinery::Migration::unapplied(&stem, &sql).map_err(|e| {
+            Failure::Usage(format!(
+                "{}: {e}\n  migration files are named V{{n}}__name.sql (refinery), e.g. V3__add_band_index.sql",
+                path.display()
+            ))
+        })?;
+        out.push(m);
+    }
+    Ok(out)
+}

@@ -1,0 +1,8 @@
+//! What runs for an event.
+//!
+//! - [`sql_text`]: the placeholder rewriter shared by every SQL handler.
+//! - [`sql`]: SQL projectors, compiled into one PL/pgSQL function per
+//!   projector so that a whole batch runs inside PostgreSQL.
+
+pub mod sql;
+pub mod sql_text;

@@ -1,0 +1,260 @@
+//! SQL projectors: the handlers of one projector compiled into one PL/pgSQL
+//! function, so that a batch of events is read and projected inside
+//! PostgreSQL with no round trip per event.
+//!
+//! The function lives in `pg_temp` (one per session), reads the batch's events
+//! itself, runs the handler statements with the event's values held in
+//! PL/pgSQL variables (PL/pgSQL binds them as parameters: event data never
+//! becomes SQL text), and catches the first failure to report the failing
+//! event's position, type and stream with the database's message, detail and
+//! hint. The caller commits the batch together with the position update.
+
+use anyhow::{Context, Result};
+use tokio_postgres::types::Type;
+use tokio_postgres::{Client, GenericClient};
+
+use crate::handlers::sql_text::{Statement, ValueNames};
+use crate::manifest::Projector;
+use crate::store::{Position, StoreShape};
+
+/// Names of the PL/pgSQL variables that hold the current event.
+struct Variables;
+
+impl ValueNames for Variables {
+    fn position(&self) -> &str {
+        "projectionist_position"
+    }
+    fn event_type(&self) -> &str {
+        "projectionist_type"
+    }
+    fn stream(&self) -> &str {
+        "projectionist_stream"
+    }
+    fn time(&self) -> &str {
+        "projectionist_time"
+    }
+    fn data(&self) -> &str {
+        "projectionist_data"
+    }
+    fn metadata(&self) -> &str {
+        "projectionist_metadata"
+    }
+}
+
+/// Parameters `$1`…`$6`, for preparing a handler on its own (validate).
+pub struct Parameters;
+
+/// The parameter types of [`Parameters`].
+pub const PARAMETER_TYPES: [Type; 6] = [
+    Type::INT8,
+    Type::TEXT,
+    Type::TEXT,
+    Type::TIMESTAMPTZ,
+    Type::JSONB,
+    Type::JSONB,
+];
+
+impl ValueNames for Parameters {
+    fn position(&self) -> &str {
+        "$1"
+    }
+    fn event_type(&self) -> &str {
+        "$2"
+    }
+    fn stream(&self) -> &str {
+        "$3"
+    }
+    fn time(&self) -> &str {
+        "$4"
+    }
+    fn data(&self) -> &str {
+        "$5"
+    }
+    fn metadata(&self) -> &str {
+        "$6"
+    }
+}
+
+/// A handler failure: the event it failed on and the database's error.
+#[derive(Clone, Debug, PartialEq, Eq, serde::Serialize)]
+pub struct HandlerFailure {
+    pub position: i64,
+    pub event_type: String,
+    pub stream: Option<String>,
+    pub sqlstate: String,
+    pub message: String,
+    pub detail: Option<String>,
+    pub hint: Option<String>,
+    pub context: Option<String>,
+}
+
+impl HandlerFailure {
+    /// One line: `#412312 EventUpdated: null value in column "band"`.
+    pub fn short(&self) -> String {
+        format!("#{} {}: {}", self.position, self.event_type, self.message)
+    }
+}
+
+/// What a batch did.
+#[derive(Debug)]
+pub enum BatchOutcome {
+    /// Every event up to the batch's end was projected.
+    Done { handled: i64 },
+    /// A handler failed; nothing of the batch was kept. `last_ok` is the last
+    /// event before the failing one that was handled (run the batch again up
+    /// to it to keep that progress).
+    Failed {
+        last_ok: Option<Position>,
+        failure: HandlerFailure,
+    },
+}
+
+/// A projector's handlers, compiled for one session.
+pub struct CompiledProjector {
+    function: String,
+    create: String,
+}
+
+impl CompiledProjector {
+    pub fn compile(store: &StoreShape, projector: &Projector) -> CompiledProjector {
+        let function = format!("pg_temp.projectionist_batch_{}", projector.name);
+        let mut cases = String::new();
+        for h in &projector.handlers {
+            cases.push_str(&format!(
+                "      WHEN {} THEN\n",
+                crate::db::quote_literal(&h.event_type)
+            ));
+            for s in &h.statements {
+                cases.push_str("        ");
+                cases.push_str(&plpgsql_statement(s));
+                cases.push_str(";\n");
+            }
+        }
+        let types = projector.event_types();
+        let (range, order) = store.range("p_after_tx", "p_after", "p_upto_tx", "p_upto");
+        let body = format!(
+            r#"
+#variable_conflict use_column
+DECLARE
+  projectionist_position bigint;
+  projectionist_type text;
+  projectionist_stream text;
+  projectionist_time timestamptz;
+  projectionist_data jsonb;
+  projectionist_metadata jsonb;
+  projectionist_tx xid8;
+BEGIN
+  pj_handled := 0;
+  BEGIN
+    FOR projectionist_position, projectionist_type, projectionist_stream, projectionist_time,
+        projectionist_data, projectionist_metadata, projectionist_tx IN
+      SELECT {select} FROM {table} e WHERE {range} AND {filter} ORDER BY {order}
+    LOOP
+      CASE projectionist_type
+{cases}      ELSE NULL;
+      END CASE;
+      pj_handled := pj_handled + 1;
+      pj_last_ok := projectionist_position;
+      pj_last_ok_tx := projectionist_tx::text;
+    END LOOP;
+  EXCEPTION WHEN OTHERS THEN
+    GET STACKED DIAGNOSTICS
+      pj_sqlstate = RETURNED_SQLSTATE,
+      pj_message = MESSAGE_TEXT,
+      pj_detail = PG_EXCEPTION_DETAIL,
+      pj_hint = PG_EXCEPTION_HINT,
+      pj_context = PG_EXCEPTION_CONTEXT;
+    pj_failed_position := projectionist_position;
+    pj_failed_type := projectionist_type;
+    pj_failed_stream := projectionist_stream;
+  END;
+END
+"#,
+            select = store.select_list(),
+            table = store.table,
+            filter = store.type_filter(types.as_deref()),
+        );
+        let mut tag = "$projectionist_body$".to_string();
+        while body.contains(&tag) {
+            tag.insert(tag.len() - 1, 'x');
+        }
+        let create = format!(
+            "CREATE OR REPLACE FUNCTION {function}(\n  p_after_tx xid8, p_after bigint, p_upto_tx xid8, p_upto bigint,\n  \
+             OUT pj_handled bigint, OUT pj_last_ok bigint, OUT pj_last_ok_tx text,\n  \
+             OUT pj_failed_position bigint, OUT pj_failed_type text, OUT pj_failed_stream text,\n  \
+             OUT pj_sqlstate text, OUT pj_message text, OUT pj_detail text, OUT pj_hint text, OUT pj_context text)\n\
+             LANGUAGE plpgsql AS {tag}{body}{tag}"
+        );
+        CompiledProjector { function, create }
+    }
+
+    /// Creates the function in this session (call once per connection).
+    pub async fn install(&self, client: &impl GenericClient) -> Result<()> {
+        client
+            .batch_execute(&self.create)
+            .await
+            .context("compiling the handlers into a PL/pgSQL function")
+    }
+
+    /// Projects the events in (after, upto] inside the caller's transaction.
+    pub async fn run(
+        &self,
+        client: &impl GenericClient,
+        after: Position,
+        upto: Position,
+    ) -> Result<BatchOutcome> {
+        let sql = format!(
+            "SELECT pj_handled, pj_last_ok, pj_last_ok_tx, pj_failed_position, pj_failed_type, \
+             pj_failed_stream, pj_sqlstate, pj_message, pj_detail, pj_hint, pj_context \
+             FROM {}($1::text::xid8, $2, $3::text::xid8, $4)",
+            self.function
+        );
+        let after_tx = after.tx_text().or_else(|| Some("0".into()));
+        let row = client
+            .query_one(&sql, &[&after_tx, &after.id, &upto.tx_text(), &upto.id])
+            .await
+            .context("running a batch")?;
+        let handled: i64 = row.get(0);
+        let failed_position: Option<i64> = row.get(3);
+        let Some(position) = failed_position else {
+            return Ok(BatchOutcome::Done { handled });
+        };
+        let last_ok = match row.get::<_, Option<i64>>(1) {
+            Some(id) => Some(Position::from_parts(row.get(2), id)?),
+            None => None,
+        };
+        Ok(BatchOutcome::Failed {
+            last_ok,
+            failure: HandlerFailure {
+                position,
+                event_type: row.get::<_, Option<String>>(4).unwrap_or_default(),
+                stream: row.get(5),
+                sqlstate: row.get::<_, Option<String>>(6).unwrap_or_default(),
+                message: row.get::<_, Option<String>>(7).unwrap_or_default(),
+                detail: row.get::<_, Option<String>>(8).filter(|s| !s.is_empty()),
+                hint: row.get::<_, Option<String>>(9).filter(|s| !s.is_empty()),
+                context: row.get::<_, Option<String>>(10).filter(|s| !s.is_empty()),
+            },
+        })
+    }
+}
+
+/// A handler statement as PL/pgSQL: a leading SELECT becomes PERFORM (its rows are discarded).
+fn plpgsql_statement(statement: &Statement) -> String {
+    let sql = statement.render(&Variables);
+    if statement.keyword() == "select" {
+        let at = crate::handlers::sql_text::code_start(&sql);
+        format!("{}PERFORM{}", &sql[..at], &sql[at + "select".len()..])
+    } else {
+        sql
+    }
+}
+
+/// Prepares one handler statement with typed parameters (validate): catches
+/// missing tables and columns, type errors and syntax errors.
+pub async fn prepare(client: &Client, statement: &Statement) -> Result<(), tokio_postgres::Error> {
+    client
+        .prepare_typed(&statement.render(&Parameters), &PARAMETER_TYPES)
+        .await
+        .map(|_| ())
+}

@@ -1,0 +1,448 @@
+//! The placeholder rewriter: splits a handler's SQL into statements and finds
+//! its `:position`, `:type`, `:stream`, `:time`, `:data[.a.b]` and
+//! `:metadata[.a.b]` placeholders.
+//!
+//! A small lexer tracks string literals (`'…'`, `E'…'`), quoted identifiers,
+//! `--` and nested `/* */` comments and dollar quotes, so text inside them is
+//! never touched, and `::` stays a cast. The statement keeps its SQL around
+//! the placeholders; [`Statement::render`] turns each placeholder into an
+//! expression over a value bound as a parameter or held in a PL/pgSQL
+//! variable, so event data never becomes SQL text.
+
+/// A value of the event a placeholder stands for.
+#[derive(Clone, Debug, PartialEq, Eq)]
+pub enum Value {
+    Position,
+    Type,
+    Stream,
+    Time,
+    /// The payload (`:data`) or the text at a path inside it (`:data.a.b`).
+    Data(Vec<String>),
+    /// The metadata, whole or at a path.
+    Metadata(Vec<String>),
+}
+
+#[derive(Clone, Debug, PartialEq, Eq)]
+pub enum Piece {
+    Sql(String),
+    Value(Value),
+}
+
+/// One SQL statement of a handler, its placeholders found.
+#[derive(Clone, Debug, PartialEq, Eq)]
+pub struct Statement {
+    pub pieces: Vec<Piece>,
+}
+
+/// A placeholder-like `:word` that names nothing, or a `$1` parameter.
+#[derive(Clone, Debug, PartialEq, Eq)]
+pub struct BadPlaceholder {
+    /// Byte offset in the handler text.
+    pub offset: usize,
+    pub text: String,
+    pub why: String,
+}
+
+/// How each base value is written in the rendered SQL.
+pub trait ValueNames {
+    fn position(&self) -> &str;
+    fn event_type(&self) -> &str;
+    fn stream(&self) -> &str;
+    fn time(&self) -> &str;
+    fn data(&self) -> &str;
+    fn metadata(&self) -> &str;
+}
+
+impl Statement {
+    /// The statement's SQL with each placeholder replaced by an expression
+    /// over `names` (parameters such as `$5` or PL/pgSQL variables).
+    pub fn render(&self, names: &dyn ValueNames) -> String {
+        let mut out = String::new();
+        for piece in &self.pieces {
+            match piece {
+                Piece::Sql(s) => out.push_str(s),
+                Piece::Value(v) => out.push_str(&match v {
+                    Value::Position => names.position().to_string(),
+                    Value::Type => names.event_type().to_string(),
+                    Value::Stream => names.stream().to_string(),
+                    Value::Time => names.time().to_string(),
+                    Value::Data(path) => json_expr(names.data(), path),
+                    Value::Metadata(path) => json_expr(names.metadata(), path),
+                }),
+            }
+        }
+        out
+    }
+
+    /// The first keyword, lowercased (`insert`, `select`, `with`, …).
+    pub fn keyword(&self) -> String {
+        let first = match self.pieces.first() {
+            Some(Piece::Sql(s)) => s.as_str(),
+            _ => "",
+        };
+        first[code_start(first)..]
+            .chars()
+            .take_while(|c| c.is_ascii_alphabetic())
+            .collect::<String>()
+            .to_ascii_lowercase()
+    }
+
+    /// The values this statement reads.
+    pub fn values(&self) -> impl Iterator<Item = &Value> {
+        self.pieces.iter().filter_map(|p| match p {
+            Piece::Value(v) => Some(v),
+            Piece::Sql(_) => None,
+        })
+    }
+}
+
+/// Where the code of `sql` starts, after leading blanks and comments.
+pub fn code_start(sql: &str) -> usize {
+    let mut lexer = Lexer::new(sql);
+    lexer.skip_trivia();
+    lexer.pos
+}
+
+/// `(base #>> '{a,b}')`: path segments are `[A-Za-z0-9_]` only, so they are
+/// safe inside the array literal.
+fn json_expr(base: &str, path: &[String]) -> String {
+    if path.is_empty() {
+        base.to_string()
+    } else {
+        format!("({base} #>> '{{{}}}')", path.join(","))
+    }
+}
+
+/// Splits a handler into statements (at top-level `;`) and finds its placeholders.
+/// Statements holding nothing but blanks and comments are dropped.
+pub fn parse(sql: &str) -> Result<Vec<Statement>, Vec<BadPlaceholder>> {
+    let mut lexer = Lexer::new(sql);
+    let mut statements = Vec::new();
+    let mut problems = Vec::new();
+    let mut pieces: Vec<Piece> = Vec::new();
+    let mut chunk_start = 0;
+    let mut has_code = false;
+
+    let flush_sql = |pieces: &mut Vec<Piece>, text: &str| {
+        if !text.is_empty() {
+            match pieces.last_mut() {
+                Some(Piece::Sql(s)) => s.push_str(text),
+                _ => pieces.push(Piece::Sql(text.to_string())),
+            }
+        }
+    };
+
+    while lexer.pos < sql.len() {
+        if lexer.skip_trivia() {
+            continue;
+        }
+        let start = lexer.pos;
+        let rest = &sql[start..];
+        let c = rest.chars().next().unwrap();
+        match c {
+            ';' => {
+                flush_sql(&mut pieces, &sql[chunk_start..start]);
+                if has_code {
+                    statements.push(Statement {
+                        pieces: std::mem::take(&mut pieces),
+                    });
+                } else {
+                    pieces.clear();
+                }
+                has_code = false;
+                lexer.pos += 1;
+                chunk_start = lexer.pos;
+            }
+            '\'' => {
+                has_code = true;
+                let escapes = is_escape_string_prefix(sql, start);
+                lexer.skip_quoted('\'', escapes);
+            }
+            '"' => {
+                has_code = true;
+                lexer.skip_quoted('"', false);
+            }
+            '$' => {
+                has_code = true;
+                if let Some(tag) = dollar_tag(rest).filter(|_| !follows_ident(sql, start)) {
+                    lexer.pos += tag.len();
+                    match sql[lexer.pos..].find(&tag) {
+                        Some(end) => lexer.pos += end + tag.len(),
+                        None => lexer.pos = sql.len(),
+                    }
+                } else if rest[1..].starts_with(|c: char| c.is_ascii_digit())
+                    && !follows_ident(sql, start)
+                {
+                    let digits: String = rest[1..]
+                        .chars()
+                        .take_while(|c| c.is_ascii_digit())
+                        .collect();
+                    problems.push(BadPlaceholder {
+                        offset: start,
+                        text: format!("${digits}"),
+                        why: "positional parameters are not available in handlers: use :position, :type, :stream, :time, :data.path or :metadata.path".into(),
+                    });
+                    lexer.pos += 1 + digits.len();
+                } else {
+                    lexer.pos += 1;
+                }
+            }
+            ':' => {
+                has_code = true;
+                if rest.starts_with("::") {
+                    lexer.pos += 2;
+                } else if rest[1..].starts_with(|c: char| c.is_ascii_alphabetic() || c == '_') {
+                    let (value, len) = read_placeholder(&rest[1..]);
+                    match value {
+                        Ok(v) => {
+                            flush_sql(&mut pieces, &sql[chunk_start..start]);
+                            pieces.push(Piece::Value(v));
+                            chunk_start = start + 1 + len;
+                        }
+                        Err(why) => problems.push(BadPlaceholder {
+                            offset: start,
+                            text: sql[start..start + 1 + len].to_string(),
+                            why,
+                        }),
+                    }
+                    lexer.pos = start + 1 + len;
+                } else {
+                    lexer.pos += 1;
+                }
+            }
+            _ => {
+                has_code = true;
+                lexer.pos += c.len_utf8();
+            }
+        }
+    }
+    flush_sql(&mut pieces, &sql[chunk_start..]);
+    if has_code {
+        // Drop trailing blanks so the statement ends where its code does.
+        if let Some(Piece::Sql(s)) = pieces.last_mut() {
+            let trimmed = s.trim_end().len();
+            s.truncate(trimmed);
+        }
+        statements.push(Statement { pieces });
+    }
+    if problems.is_empty() {
+        Ok(statements)
+    } else {
+        Err(problems)
+    }
+}
+
+/// Reads `name(.segment)*` after the colon; returns the value and the length read.
+fn read_placeholder(s: &str) -> (Result<Value, String>, usize) {
+    let ident_len = |t: &str| {
+        t.find(|c: char| !(c.is_ascii_alphanumeric() || c == '_'))
+            .unwrap_or(t.len())
+    };
+    let name_len = ident_len(s);
+    let name = &s[..name_len];
+    let mut len = name_len;
+    let mut path = Vec::new();
+    while s[len..].starts_with('.') {
+        let seg = ident_len(&s[len + 1..]);
+        if seg == 0 {
+            break;
+        }
+        path.push(s[len + 1..len + 1 + seg].to_string());
+        len += 1 + seg;
+    }
+    let value = match (name, path.is_empty()) {
+        ("position", true) => Ok(Value::Position),
+        ("type", true) => Ok(Value::Type),
+        ("stream", true) => Ok(Value::Stream),
+        ("time", true) => Ok(Value::Time),
+        ("data", _) => Ok(Value::Data(path)),
+        ("metadata", _) => Ok(Value::Metadata(path)),
+        ("position" | "type" | "stream" | "time", false) => Err(format!(
+            ":{name} has no fields: only :data and :metadata take a path"
+        )),
+        _ => Err("unknown placeholder: use :position, :type, :stream, :time, :data, :data.a.b, :metadata or :metadata.a.b (write `::` for a cast)".into()),
+    };
+    (value, len)
+}
+
+fn follows_ident(sql: &str, at: usize) -> bool {
+    sql[..at]
+        .chars()
+        .next_back()
+        .is_some_and(|c| c.is_alphanumeric() || c == '_' || c == '$')
+}
+
+/// `E'…'` strings take backslash escapes.
+fn is_escape_string_prefix(sql: &str, quote_at: usize) -> bool {
+    let before = &sql[..quote_at];
+    before.ends_with(['E', 'e']) && !follows_ident(before, before.len() - 1)
+}
+
+/// `$$` or `$tag$` at the start of `s`.
+fn dollar_tag(s: &str) -> Option<String> {
+    let body = &s[1..];
+    let len = body
+        .find(|c: char| !(c.is_alphanumeric() || c == '_'))
+        .unwrap_or(body.len());
+    if body[len..].starts_with('$') && !body.starts_with(|c: char| c.is_ascii_digit()) {
+        Some(s[..len + 2].to_string())
+    } else {
+        None
+    }
+}
+
+struct Lexer<'a> {
+    sql: &'a str,
+    pos: usize,
+}
+
+impl<'a> Lexer<'a> {
+    fn new(sql: &'a str) -> Self {
+        Lexer { sql, pos: 0 }
+    }
+
+    /// Skips blanks and comments; true when it moved.
+    fn skip_trivia(&mut self) -> bool {
+        let start = self.pos;
+        loop {
+            let rest = &self.sql[self.pos..];
+            if rest.starts_with(char::is_whitespace) {
+                self.pos += rest.chars().next().unwrap().len_utf8();
+            } else if rest.starts_with("--") {
+                self.pos += rest.find('\n').unwrap_or(rest.len());
+            } else if rest.starts_with("/*") {
+                let mut depth = 0;
+                let mut i = 0;
+                let bytes = rest.as_bytes();
+                while i < bytes.len() {
+                    if bytes[i..].starts_with(b"/*") {
+                        depth += 1;
+                        i += 2;
+                    } else if bytes[i..].starts_with(b"*/") {
+                        depth -= 1;
+                        i += 2;
+                        if depth == 0 {
+                            break;
+                        }
+                    } else {
+                        i += 1;
+                    }
+                }
+                self.pos += i;
+            } else {
+                return self.pos != start;
+            }
+        }
+    }
+
+    /// Skips a quoted literal starting at `pos`; a doubled quote is an escaped quote.
+    fn skip_quoted(&mut self, quote: char, backslash_escapes: bool) {
+        let bytes = self.sql.as_bytes();
+        let q = quote as u8;
+        let mut i = self.pos + 1;
+        while i < bytes.len() {
+            if backslash_escapes && bytes[i] == b'\\' {
+                i += 2;
+            } else if bytes[i] == q {
+                if bytes.get(i + 1) == Some(&q) {
+                    i += 2;
+                } else {
+                    i += 1;
+                    break;
+                }
+            } else {
+                i += 1;
+            }
+        }
+        self.pos = i.min(bytes.len());
+    }
+}
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+
+    struct Params;
+    impl ValueNames for Params {
+        fn position(&self) -> &str {
+            "$1"
+        }
+        fn event_type(&self) -> &str {
+            "$2"
+        }
+        fn stream(&self) -> &str {
+            "$3"
+        }
+        fn time(&self) -> &str {
+            "$4"
+        }
+        fn data(&self) -> &str {
+            "$5"
+        }
+        fn metadata(&self) -> &str {
+            "$6"
+        }
+    }
+
+    fn one(sql: &str) -> String {
+        let s = parse(sql).unwrap();
+        assert_eq!(s.len(), 1, "{s:?}");
+        s[0].render(&Params)
+    }
+
+    #[test]
+    fn placeholders_become_parameters() {
+        assert_eq!(
+            one("INSERT INTO band (id, name, created) VALUES (:stream::uuid, :data.name, :time)"),
+            "INSERT INTO band (id, name, created) VALUES ($3::uuid, ($5 #>> '{name}'), $4)"
+        );
+        assert_eq!(one("SELECT :data.a.b_c::float8, :data, :position, :type, :metadata.m"),
+            "SELECT ($5 #>> '{a,b_c}')::float8, $5, $1, $2, ($6 #>> '{m}')");
+    }
+
+    #[test]
+    fn casts_stay_casts() {
+        assert_eq!(one("SELECT 1::int, now()::date"), "SELECT 1::int, now()::date");
+    }
+
+    #[test]
+    fn strings_identifiers_comments_and_dollar_quotes_are_untouched() {
+        let sql = "SELECT ':data', \":data\", $$ :data ; $$, $t$ :type $t$, E'\\' :x' -- :nope ;\n /* :c /* :d */ ; */ , :position";
+        assert_eq!(
+            one(sql),
+            sql.replace(", :position", ", $1")
+        );
+    }
+
+    #[test]
+    fn statements_split_on_top_level_semicolons() {
+        let s = parse("DELETE FROM a WHERE id = :stream::uuid; ; -- c\nINSERT INTO b VALUES (';');\n  ").unwrap();
+        assert_eq!(s.len(), 2);
+        assert_eq!(s[0].render(&Params), "DELETE FROM a WHERE id = $3::uuid");
+        assert_eq!(s[1].render(&Params).trim(), "-- c\nINSERT INTO b VALUES (';')");
+        assert_eq!(s[1].keyword(), "insert");
+    }
+
+    #[test]
+    fn unknown_placeholders_are_reported_with_their_offset() {
+        let err = parse("SELECT :data.x, :nme, :stream.x").unwrap_err();
+        assert_eq!(err.len(), 2);
+        assert_eq!((err[0].offset, err[0].text.as_str()), (16, ":nme"));
+        assert_eq!(err[1].text, ":stream.x");
+        let err = parse("SELECT $1").unwrap_err();
+        assert_eq!(err[0].text, "$1");
+    }
+
+    #[test]
+    fn assignment_and_slices_are_not_placeholders() {
+        assert_eq!(one("SELECT f(a := 1), arr[1:2]"), "SELECT f(a := 1), arr[1:2]");
+    }
+
+    #[test]
+    fn injection_attempts_in_data_stay_data() {
+        // The payload is never part of the SQL: the rendered text does not depend on it.
+        let rendered = one("INSERT INTO band (name) VALUES (:data.name)");
+        assert!(!rendered.contains("DROP"));
+        assert_eq!(rendered, "INSERT INTO band (name) VALUES (($5 #>> '{name}'))");
+    }
+}

@@ -1,0 +1,159 @@
+//! The manifest model: `projectors.toml` as the engine sees it.
+//!
+//! [`Manifest::load`] parses the file (see [`parse`]), checks everything that
+//! can be checked without a database, and reports every problem at once as a
+//! [`ManifestError`] that points at the line and key.
+
+mod diagnostics;
+mod parse;
+
+use std::ops::Range;
+use std::path::{Path, PathBuf};
+use std::time::Duration;
+
+pub use diagnostics::{ManifestError, Problem};
+
+use crate::handlers::sql_text::Statement;
+
+/// Byte range in the manifest's text, for error messages.
+pub type Span = Range<usize>;
+
+#[derive(Clone, Debug)]
+pub struct Manifest {
+    pub path: PathBuf,
+    /// The file's text, kept to point at lines in later (database) errors.
+    pub source: String,
+    pub store: Store,
+    pub ledger_schema: String,
+    pub alert: Option<Vec<String>>,
+    /// In the file's order.
+    pub projectors: Vec<Projector>,
+}
+
+/// Where the events are: a table and the columns that hold each part of an event.
+#[derive(Clone, Debug)]
+pub struct Store {
+    /// `table` or `schema.table`.
+    pub table: String,
+    pub position: String,
+    pub event_type: String,
+    pub data: String,
+    pub stream: Option<String>,
+    pub time: Option<String>,
+    pub metadata: Option<String>,
+    /// An xid8 column defaulting to `pg_current_xact_id()`: read in (transaction, position) order.
+    pub transaction: Option<String>,
+    /// A LISTEN/NOTIFY channel that a trigger on the table notifies.
+    pub notify: Option<String>,
+    pub span: Span,
+}
+
+#[derive(Clone, Copy, Debug, PartialEq, Eq)]
+pub enum Mode {
+    FromBeginning,
+    FromNow,
+    Once,
+}
+
+impl Mode {
+    pub fn as_str(self) -> &'static str {
+        match self {
+            Mode::FromBeginning => "from_beginning",
+            Mode::FromNow => "from_now",
+            Mode::Once => "once",
+        }
+    }
+}
+
+#[derive(Clone, Copy, Debug, PartialEq, Eq)]
+pub enum OnError {
+    Stop,
+    Retry,
+    Skip,
+}
+
+#[derive(Clone, Debug)]
+pub struct Projector {
+    pub name: String,
+    pub mode: Mode,
+    pub tables: Vec<String>,
+    pub side_effects: bool,
+    pub version: i32,
+    pub after: Vec<String>,
+    /// SQL handlers, one per event type, in the file's order.
+    pub handlers: Vec<Handler>,
+    pub command: Option<Vec<String>>,
+    /// Event types a command projector receives (all when `None`).
+    pub events: Option<Vec<String>>,
+    pub checks: Vec<Check>,
+    pub reset: Option<String>,
+    pub on_error: OnError,
+    pub max_retries: u32,
+    pub ack_timeout: Duration,
+    /// The projector's table header or key, for errors.
+    pub span: Span,
+}
+
+impl Projector {
+    /// Event types this projector handles (`None`: every type).
+    pub fn event_types(&self) -> Option<Vec<String>> {
+        if self.command.is_some() {
+            self.events.clone()
+        } else {
+            Some(self.handlers.iter().map(|h| h.event_type.clone()).collect())
+        }
+    }
+}
+
+#[derive(Clone, Debug)]
+pub struct Handler {
+    pub event_type: String,
+    /// Each SQL string of the handler, split into statements.
+    pub statements: Vec<Statement>,
+    /// The handler's value in the file.
+    pub span: Span,
+}
+
+#[derive(Clone, Debug)]
+pub struct Check {
+    pub name: String,
+    pub projection: String,
+    pub events: String,
+    pub span: Span,
+}
+
+impl Manifest {
+    /// Reads and checks a manifest file.
+    pub fn load(path: &Path) -> anyhow::Result<Manifest> {
+        let source = std::fs::read_to_string(path).map_err(|e| {
+            crate::error::Failure::Usage(format!(
+                "cannot read the manifest {}: {e}\n  pass --manifest PATH, or run `projectionist init` to write a starter one",
+                path.display()
+            ))
+        })?;
+        Ok(Self::parse(path, source)?)
+    }
+
+    /// Parses manifest text; every problem found is in the error.
+    pub fn parse(path: &Path, source: String) -> Result<Manifest, ManifestError> {
+        parse::parse(path, source)
+    }
+
+    pub fn projector(&self, name: &str) -> Option<&Projector> {
+        self.projectors.iter().find(|p| p.name == name)
+    }
+
+    /// An error pointing into this manifest (used by checks against the database).
+    pub fn error(&self, problems: Vec<Problem>) -> ManifestError {
+        ManifestError::new(&self.path, &self.source, problems)
+    }
+}
+
+/// Projector names name migration files, metrics and locks.
+pub fn valid_name(name: &str) -> bool {
+    !name.is_empty()
+        && name.len() <= 48
+        && name
+            .chars()
+            .all(|c| c.is_ascii_lowercase() || c.is_ascii_digit() || c == '_')
+}
