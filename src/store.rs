@@ -119,7 +119,7 @@ impl StoreShape {
         let cols: HashMap<String, String> = client
             .query(
                 "SELECT attname::text, atttypid::regtype::text FROM pg_attribute \
-                 WHERE attrelid = $1::regclass AND attnum > 0 AND NOT attisdropped",
+                 WHERE attrelid = $1::text::regclass AND attnum > 0 AND NOT attisdropped",
                 &[&regclass],
             )
             .await
@@ -384,7 +384,7 @@ impl StoreShape {
             .query(
                 "SELECT coalesce(l.pid, 0), coalesce(extract(epoch FROM clock_timestamp() - a.xact_start), 0)::float8 \
                  FROM pg_locks l LEFT JOIN pg_stat_activity a ON a.pid = l.pid \
-                 WHERE l.locktype = 'relation' AND l.relation = $1::regclass AND l.granted \
+                 WHERE l.locktype = 'relation' AND l.relation = $1::text::regclass AND l.granted \
                    AND l.mode IN ('RowExclusiveLock', 'ShareRowExclusiveLock', 'ExclusiveLock', 'AccessExclusiveLock') \
                    AND l.pid IS DISTINCT FROM pg_backend_pid() \
                    AND (a.pid IS NULL OR a.xact_start IS NULL OR a.xact_start <= $2)",
