@@ -157,6 +157,39 @@ impl Database {
         Ok(client)
     }
 
+    /// A connection whose notifications (LISTEN/NOTIFY) arrive on the returned channel.
+    pub async fn connect_listening(
+        &self,
+        application_name: &str,
+    ) -> Result<(Client, tokio::sync::mpsc::UnboundedReceiver<tokio_postgres::Notification>)> {
+        let mut config = self.config.clone();
+        config.application_name(application_name);
+        let tls = self.tls_connector()?;
+        let (client, mut connection) = config
+            .connect(tls)
+            .await
+            .map_err(|e| Failure::Unreachable(format!("cannot connect to the database at {}: {e}", self.target())))?;
+        let (tx, rx) = tokio::sync::mpsc::unbounded_channel();
+        tokio::spawn(async move {
+            let mut messages = futures_util::stream::poll_fn(move |cx| connection.poll_message(cx));
+            while let Some(m) = futures_util::StreamExt::next(&mut messages).await {
+                match m {
+                    Ok(tokio_postgres::AsyncMessage::Notification(n)) => {
+                        if tx.send(n).is_err() {
+                            break;
+                        }
+                    }
+                    Ok(_) => {}
+                    Err(e) => {
+                        tracing::debug!("listening connection closed: {e}");
+                        break;
+                    }
+                }
+            }
+        });
+        Ok((client, rx))
+    }
+
     fn tls_connector(&self) -> Result<MakeRustlsConnect> {
         let provider = Arc::new(rustls::crypto::ring::default_provider());
         let builder = rustls::ClientConfig::builder_with_provider(provider.clone())

@@ -19,7 +19,8 @@ use tokio_util::sync::CancellationToken;
 use crate::db::quote_qualified;
 use crate::engine::Context;
 use crate::error::Failure;
-use crate::handlers::sql::{BatchOutcome, CompiledProjector, HandlerFailure};
+use crate::engine::batch::{self, Batch, OnFailure};
+use crate::handlers::sql::{CompiledProjector, HandlerFailure};
 use crate::ledger::{LedgerRow, State};
 use crate::manifest::{Mode, Projector};
 use crate::report::progress::{Progress, ProjectorProgress};
@@ -368,14 +369,19 @@ async fn boot_one(
                     break;
                 }
                 let end = shared.shape.batch_end(&client, pos, bound, shared.opts.batch_size).await?;
-                match run_batch(ctx, shared, &mut client, &compiled, p, pos, end).await? {
-                    Ok(handled) => {
+                let batch = batch::run(
+                    ctx, &shared.shape, &mut client, &compiled, &p.name, pos, end, "boot", OnFailure::Break, None,
+                )
+                .await?
+                .expect("no lock to miss");
+                match batch {
+                    Batch::Done { handled } => {
                         outcome.events += handled;
                         pos = end;
                         publish(shared, &p.name, pos);
                         bar.set_position(pos.id);
                     }
-                    Err((kept, handled, failure)) => {
+                    Batch::Failed { kept, handled, failure } => {
                         outcome.events += handled;
                         outcome.position = kept.id;
                         outcome.state = State::Broken;
@@ -493,46 +499,6 @@ async fn dependency_bound(
 fn publish(shared: &Shared, name: &str, pos: Position) {
     if let Some(tx) = shared.positions.get(name) {
         tx.send_modify(|v| v.0 = pos);
-    }
-}
-
-type BatchResult = std::result::Result<i64, (Position, i64, HandlerFailure)>;
-
-/// One batch in one transaction: the handlers and the guarded position update.
-/// On a handler failure, the events before the failing one are kept and the
-/// projector is marked broken, all in that same transaction.
-async fn run_batch(
-    ctx: &Context,
-    shared: &Shared,
-    client: &mut Client,
-    compiled: &CompiledProjector,
-    p: &Projector,
-    from: Position,
-    to: Position,
-) -> Result<BatchResult> {
-    let time = shared.shape.time_at(client, to).await?;
-    let tx = client.transaction().await?;
-    match compiled.run(&tx, from, to).await? {
-        BatchOutcome::Done { handled } => {
-            ctx.ledger.advance(&tx, &p.name, from, to, time, handled).await?;
-            tx.commit().await.context("committing a batch")?;
-            Ok(Ok(handled))
-        }
-        BatchOutcome::Failed { last_ok, failure } => {
-            let mut kept = from;
-            let mut handled = 0;
-            if let Some(ok) = last_ok {
-                if let BatchOutcome::Done { handled: n } = compiled.run(&tx, from, ok).await? {
-                    let time = shared.shape.time_at(&tx, ok).await?;
-                    ctx.ledger.advance(&tx, &p.name, from, ok, time, n).await?;
-                    kept = ok;
-                    handled = n;
-                }
-            }
-            ctx.ledger.record_failure(&tx, &p.name, "boot", &failure, false).await?;
-            tx.commit().await.context("recording the failure")?;
-            Ok(Err((kept, handled, failure)))
-        }
     }
 }
 

@@ -124,3 +124,35 @@ fn load_dir(dir: &Path) -> Result<Vec<refinery::Migration>> {
     }
     Ok(out)
 }
+
+/// One above the highest `V{n}__` in the directory.
+pub fn next_version(dir: &Path) -> Result<u64> {
+    if !dir.exists() {
+        return Ok(1);
+    }
+    let mut max = 0;
+    for entry in std::fs::read_dir(dir).with_context(|| format!("reading {}", dir.display()))? {
+        let name = entry?.file_name().to_string_lossy().to_string();
+        if let Some(rest) = name.strip_prefix('V').or_else(|| name.strip_prefix('U'))
+            && let Some((n, _)) = rest.split_once("__")
+            && let Ok(n) = n.parse::<u64>()
+        {
+            max = max.max(n);
+        }
+    }
+    Ok(max + 1)
+}
+
+/// Writes a new migration file; never overwrites one.
+pub fn write_new(path: &Path, sql: &str) -> Result<()> {
+    if let Some(dir) = path.parent() {
+        std::fs::create_dir_all(dir).with_context(|| format!("creating {}", dir.display()))?;
+    }
+    let mut f = std::fs::OpenOptions::new()
+        .write(true)
+        .create_new(true)
+        .open(path)
+        .with_context(|| format!("writing {}", path.display()))?;
+    std::io::Write::write_all(&mut f, sql.as_bytes())?;
+    Ok(())
+}

@@ -3,10 +3,17 @@
 //! through [`crate::report`]; the CLI only maps results to exit codes.
 
 pub mod alert;
+pub mod batch;
 pub mod boot;
 pub mod init;
 pub mod migrate;
+pub mod notify;
+pub mod play;
+pub mod reset;
+pub mod retire;
+pub mod status;
 pub mod validate;
+pub mod verify;
 
 use anyhow::Result;
 use tokio_postgres::Client;

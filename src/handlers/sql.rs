@@ -79,6 +79,9 @@ impl ValueNames for Parameters {
 #[derive(Clone, Debug, PartialEq, Eq, serde::Serialize)]
 pub struct HandlerFailure {
     pub position: i64,
+    /// The failing event's transaction id (with a transaction column).
+    #[serde(skip)]
+    pub tx: Option<u64>,
     pub event_type: String,
     pub stream: Option<String>,
     pub sqlstate: String,
@@ -89,6 +92,14 @@ pub struct HandlerFailure {
 }
 
 impl HandlerFailure {
+    /// The failing event's place in the order.
+    pub fn at(&self) -> Position {
+        Position {
+            tx: self.tx,
+            id: self.position,
+        }
+    }
+
     /// One line: `#412312 EventUpdated: null value in column "band"`.
     pub fn short(&self) -> String {
         format!("#{} {}: {}", self.position, self.event_type, self.message)
@@ -167,6 +178,7 @@ BEGIN
     pj_failed_position := projectionist_position;
     pj_failed_type := projectionist_type;
     pj_failed_stream := projectionist_stream;
+    pj_failed_tx := projectionist_tx::text;
   END;
 END
 "#,
@@ -182,7 +194,8 @@ END
             "CREATE OR REPLACE FUNCTION {function}(\n  p_after_tx xid8, p_after bigint, p_upto_tx xid8, p_upto bigint,\n  \
              OUT pj_handled bigint, OUT pj_last_ok bigint, OUT pj_last_ok_tx text,\n  \
              OUT pj_failed_position bigint, OUT pj_failed_type text, OUT pj_failed_stream text,\n  \
-             OUT pj_sqlstate text, OUT pj_message text, OUT pj_detail text, OUT pj_hint text, OUT pj_context text)\n\
+             OUT pj_sqlstate text, OUT pj_message text, OUT pj_detail text, OUT pj_hint text, OUT pj_context text,\n  \
+             OUT pj_failed_tx text)\n\
              LANGUAGE plpgsql AS {tag}{body}{tag}"
         );
         CompiledProjector { function, create }
@@ -205,7 +218,7 @@ END
     ) -> Result<BatchOutcome> {
         let sql = format!(
             "SELECT pj_handled, pj_last_ok, pj_last_ok_tx, pj_failed_position, pj_failed_type, \
-             pj_failed_stream, pj_sqlstate, pj_message, pj_detail, pj_hint, pj_context \
+             pj_failed_stream, pj_sqlstate, pj_message, pj_detail, pj_hint, pj_context, pj_failed_tx \
              FROM {}($1::text::xid8, $2, $3::text::xid8, $4)",
             self.function
         );
@@ -227,6 +240,11 @@ END
             last_ok,
             failure: HandlerFailure {
                 position,
+                tx: row
+                    .get::<_, Option<String>>(11)
+                    .map(|t| t.parse())
+                    .transpose()
+                    .context("reading an xid8")?,
                 event_type: row.get::<_, Option<String>>(4).unwrap_or_default(),
                 stream: row.get(5),
                 sqlstate: row.get::<_, Option<String>>(6).unwrap_or_default(),

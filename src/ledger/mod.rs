@@ -71,6 +71,17 @@ pub struct LedgerRow {
     pub updated_at: DateTime<Utc>,
 }
 
+/// What a recorded failure did to its projector.
+#[derive(Clone, Copy, Debug, PartialEq, Eq)]
+pub enum FailureKind {
+    /// The projector is now broken.
+    Broken,
+    /// It will be tried again (on_error = "retry").
+    Retried,
+    /// The event was skipped (on_error = "skip"): a dead letter.
+    DeadLetter,
+}
+
 /// Where the ledger lives, and the SQL to reach it.
 #[derive(Clone, Debug)]
 pub struct Ledger {
@@ -236,16 +247,17 @@ impl Ledger {
         Ok(())
     }
 
-    /// Marks a projector broken with its failure, and records the failure.
+    /// Records a failure; with [`FailureKind::Broken`] also marks the projector broken.
     pub async fn record_failure(
         &self,
         client: &impl GenericClient,
         name: &str,
         run: &str,
         f: &crate::handlers::sql::HandlerFailure,
-        dead_letter: bool,
+        kind: FailureKind,
     ) -> Result<()> {
-        if !dead_letter {
+        let dead_letter = kind == FailureKind::DeadLetter;
+        if kind == FailureKind::Broken {
             client
                 .execute(
                     &format!(
@@ -388,6 +400,18 @@ impl Locks {
         Ok(client
             .query_one(
                 "SELECT pg_try_advisory_lock(hashtext($1), hashtext($2))",
+                &[&self.namespace, &key],
+            )
+            .await
+            .context("taking an advisory lock")?
+            .get(0))
+    }
+
+    /// Tries a transaction-level lock (released at commit or rollback).
+    pub async fn try_xact_lock(&self, client: &impl GenericClient, key: &str) -> Result<bool> {
+        Ok(client
+            .query_one(
+                "SELECT pg_try_advisory_xact_lock(hashtext($1), hashtext($2))",
                 &[&self.namespace, &key],
             )
             .await

@@ -96,8 +96,7 @@ impl std::fmt::Display for ManifestError {
         let n = self.problems.len();
         write!(
             f,
-            "\n\n{} found {n} problem{} in {}; nothing was changed",
-            if n == 1 { "error:" } else { "error:" },
+            "\n\nerror: found {n} problem{} in {}; nothing was changed",
             if n == 1 { "" } else { "s" },
             self.path.display()
         )

@@ -2,4 +2,7 @@
 //! plain periodic lines elsewhere), and the results of commands on stdout.
 
 pub mod boot;
+pub mod metrics;
 pub mod progress;
+pub mod status;
+pub mod verify;

@@ -50,6 +50,24 @@ pub enum Command {
     /// Boot new, interrupted, broken and stalled projectors (and rebuild those whose version rose) to the head.
     #[command(after_help = "Examples:\n  projectionist boot                 # the deploy step: exit 1 if a projector breaks\n  projectionist boot band event      # only these\n  projectionist boot --no-wait       # exit 4 if another boot runs")]
     Boot(BootArgs),
+    /// Keep every live projector up to date until SIGINT/SIGTERM; several may run, on one machine or many.
+    #[command(after_help = "Examples:\n  projectionist play                         # under systemd or Kubernetes\n  projectionist play --metrics 0.0.0.0:9187  # Prometheus metrics at /metrics")]
+    Play(PlayArgs),
+    /// LISTEN/NOTIFY set-up for near-time play.
+    #[command(subcommand)]
+    Notify(NotifyCommand),
+    /// Where every projector stands: state, position, lag, errors; exit 1 when any is broken, stalled or over --max-lag.
+    #[command(after_help = "Examples:\n  projectionist status                 # the table\n  projectionist status band            # one projector in detail, with its failures\n  projectionist status --json          # for scripts and monitors\n  projectionist status --max-lag 30s   # a health check: exit 1 if any is 30s behind, broken or stalled")]
+    Status(StatusArgs),
+    /// Rebuild projectors from scratch: empty their tables and replay them.
+    #[command(after_help = "Examples:\n  projectionist reset band\n  projectionist reset band event --yes        # in scripts\n  projectionist reset band --no-replay        # the next boot replays it")]
+    Reset(ResetArgs),
+    /// Write the migration that removes a projector gone from the manifest.
+    #[command(after_help = "Examples:\n  projectionist retire old_band              # writes migrations/V{n}__retire_old_band.sql\n  projectionist retire old_band --dry-run    # prints it instead")]
+    Retire(RetireArgs),
+    /// Run the manifest's consistency checks; exit 1 on a mismatch.
+    #[command(after_help = "Examples:\n  projectionist verify\n  projectionist verify band --heal    # reset the projectors whose checks fail")]
+    Verify(VerifyArgs),
     /// Print shell completions.
     #[command(after_help = "Example:\n  projectionist completions bash > /etc/bash_completion.d/projectionist")]
     Completions {
@@ -93,4 +111,95 @@ pub struct BootArgs {
     /// Print a JSON summary on stdout.
     #[arg(long)]
     pub json: bool,
+}
+
+#[derive(Args, Debug)]
+pub struct StatusArgs {
+    /// One projector in detail (its ledger row, tables, failures, holes).
+    pub name: Option<String>,
+    /// JSON on stdout (stable keys, see the README).
+    #[arg(long)]
+    pub json: bool,
+    /// Refresh every SECS seconds until Ctrl-C.
+    #[arg(long, value_name = "SECS")]
+    pub watch: Option<f64>,
+    /// Exit 1 when any projector lags more than N events or a DURATION (30s, 5m).
+    #[arg(long, value_name = "N|DURATION")]
+    pub max_lag: Option<projectionist::engine::status::MaxLag>,
+}
+
+#[derive(Args, Debug)]
+pub struct ResetArgs {
+    /// The projectors to reset.
+    #[arg(required = true)]
+    pub names: Vec<String>,
+    /// Do not ask (required when not on a terminal).
+    #[arg(long, short = 'y')]
+    pub yes: bool,
+    /// Reset side-effecting projectors too (their side effects run again).
+    #[arg(long)]
+    pub allow_side_effects: bool,
+    /// Only reset; the next boot replays.
+    #[arg(long)]
+    pub no_replay: bool,
+    /// How long to wait for a runner holding the projector.
+    #[arg(long, default_value = "10m", value_parser = humantime::parse_duration, value_name = "DURATION")]
+    pub lock_timeout: Duration,
+}
+
+#[derive(Args, Debug)]
+pub struct RetireArgs {
+    /// The projector to retire (already removed from the manifest).
+    pub name: String,
+    /// How long it must have been gone from the manifest.
+    #[arg(long, default_value = "72h", value_parser = humantime::parse_duration, value_name = "DURATION")]
+    pub min_age: Duration,
+    /// Print the SQL instead of writing the file.
+    #[arg(long)]
+    pub dry_run: bool,
+    /// Where migrations live.
+    #[arg(long, default_value = "migrations", value_name = "DIR")]
+    pub dir: PathBuf,
+}
+
+#[derive(Args, Debug)]
+pub struct VerifyArgs {
+    /// Only these projectors' checks.
+    pub names: Vec<String>,
+    /// Reset (and replay) the projectors whose checks fail.
+    #[arg(long)]
+    pub heal: bool,
+    /// JSON on stdout.
+    #[arg(long)]
+    pub json: bool,
+}
+
+#[derive(Args, Debug)]
+pub struct PlayArgs {
+    /// How often to look for new events without a notification (and for projectors to take over).
+    #[arg(long, default_value = "1s", value_parser = humantime::parse_duration, value_name = "DURATION")]
+    pub poll: Duration,
+    /// Serve Prometheus metrics at http://ADDR/metrics.
+    #[arg(long, value_name = "ADDR")]
+    pub metrics: Option<std::net::SocketAddr>,
+    /// Events per batch (one transaction each).
+    #[arg(long, default_value_t = 10_000, value_name = "N", value_parser = clap::value_parser!(i64).range(1..))]
+    pub batch_size: i64,
+}
+
+#[derive(Subcommand, Debug)]
+pub enum NotifyCommand {
+    /// Write a migration adding a statement-level NOTIFY trigger on the events table.
+    #[command(after_help = "Example:\n  projectionist notify install --channel events && projectionist migrate\n  # then set notify = \"events\" under [store]")]
+    Install {
+        /// The channel to notify.
+        #[arg(long, default_value = "events")]
+        channel: String,
+        /// Where migrations live.
+        #[arg(long, default_value = "migrations", value_name = "DIR")]
+        dir: PathBuf,
+        /// Print the SQL instead of writing the file.
+        #[arg(long)]
+        dry_run: bool,
+    },
 }

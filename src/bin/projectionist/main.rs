@@ -153,6 +153,134 @@ async fn run(cli: Cli) -> Result<ExitStatus> {
                 ExitStatus::Unhealthy
             })
         }
+        Command::Status(args) => status(g, args).await,
+        Command::Play(args) => {
+            let ctx = context(g)?;
+            let shutdown = tokio_util::sync::CancellationToken::new();
+            spawn_signal_handler(shutdown.clone());
+            let metrics = std::sync::Arc::new(report::metrics::Metrics::new());
+            if let Some(addr) = args.metrics {
+                let (m, s) = (metrics.clone(), shutdown.clone());
+                // Bind now, so a taken port fails play at once.
+                let listener = tokio::spawn(report::metrics::serve(addr, m, s));
+                tokio::task::yield_now().await;
+                if listener.is_finished() {
+                    listener.await??;
+                }
+            }
+            let opts = engine::play::PlayOptions {
+                poll: args.poll,
+                batch_size: args.batch_size,
+            };
+            engine::play::play(&ctx, opts, metrics, shutdown).await?;
+            Ok(ExitStatus::Success)
+        }
+        Command::Notify(cli::NotifyCommand::Install { channel, dir, dry_run }) => {
+            let manifest = Manifest::load(&g.manifest)?;
+            let (path, sql) = engine::notify::migration(&manifest, &channel, &dir)?;
+            if dry_run {
+                print!("{sql}");
+            } else {
+                engine::migrate::write_new(&path, &sql)?;
+                if !g.quiet {
+                    println!(
+                        "wrote {}\n  review it, run `projectionist migrate`, and set notify = \"{channel}\" under [store]",
+                        path.display()
+                    );
+                }
+            }
+            Ok(ExitStatus::Success)
+        }
+        Command::Reset(args) => {
+            let ctx = context(g)?;
+            engine::reset::check(&ctx, &args.names, args.allow_side_effects)?;
+            if !args.yes {
+                confirm(&format!(
+                    "Reset {}? Their tables are emptied and every event is replayed.",
+                    args.names.join(", ")
+                ))?;
+            }
+            let opts = engine::reset::ResetOptions {
+                allow_side_effects: args.allow_side_effects,
+                no_replay: args.no_replay,
+                boot: engine::boot::BootOptions {
+                    lock_timeout: Some(args.lock_timeout),
+                    ..Default::default()
+                },
+            };
+            let progress = report::progress::Progress::auto(g.quiet, "reset");
+            let outcomes = engine::reset::reset(&ctx, &args.names, &opts, &progress).await?;
+            let mut status = ExitStatus::Success;
+            for o in &outcomes {
+                match &o.replay {
+                    None => {
+                        if !g.quiet {
+                            println!("reset {}: the next `projectionist boot` replays it", o.name)
+                        }
+                    }
+                    Some(r) => {
+                        if !g.quiet {
+                            println!("{}", report::boot::table(r));
+                        }
+                        if let Some(text) = report::boot::failure(r) {
+                            eprintln!("{text}");
+                            status = ExitStatus::Unhealthy;
+                        }
+                    }
+                }
+            }
+            Ok(status)
+        }
+        Command::Retire(args) => {
+            let ctx = context(g)?;
+            let client = ctx.connect("retire").await?;
+            let r = engine::retire::retire(&ctx, &client, &args.name, args.min_age, &args.dir).await?;
+            if args.dry_run {
+                print!("{}", r.sql);
+            } else {
+                engine::retire::write(&r)?;
+                if !g.quiet {
+                    println!("wrote {}\n  review it, commit it, and `projectionist migrate` applies it", r.path.display());
+                }
+            }
+            Ok(ExitStatus::Success)
+        }
+        Command::Verify(args) => {
+            let ctx = context(g)?;
+            let mut client = ctx.connect("verify").await?;
+            let results = engine::verify::verify(&ctx, &mut client, &args.names).await?;
+            if args.json {
+                println!("{}", serde_json::to_string_pretty(&results)?);
+            } else {
+                println!("{}", report::verify::table(&results));
+            }
+            let failing: Vec<String> = {
+                let mut v: Vec<String> = results.iter().filter(|r| !r.ok).map(|r| r.projector.clone()).collect();
+                v.dedup();
+                v
+            };
+            if failing.is_empty() {
+                return Ok(ExitStatus::Success);
+            }
+            if args.heal {
+                eprintln!("healing: resetting {}", failing.join(", "));
+                let opts = engine::reset::ResetOptions {
+                    allow_side_effects: false,
+                    no_replay: false,
+                    boot: Default::default(),
+                };
+                let progress = report::progress::Progress::auto(g.quiet, "reset");
+                engine::reset::reset(&ctx, &failing, &opts, &progress).await?;
+                let again = engine::verify::verify(&ctx, &mut client, &failing).await?;
+                if !args.json {
+                    println!("{}", report::verify::table(&again));
+                }
+                if again.iter().all(|r| r.ok) {
+                    return Ok(ExitStatus::Success);
+                }
+            }
+            Ok(ExitStatus::Unhealthy)
+        }
         Command::Completions { shell } => {
             clap_complete::generate(shell, &mut Cli::command(), "projectionist", &mut std::io::stdout());
             Ok(ExitStatus::Success)
@@ -162,4 +290,88 @@ async fn run(cli: Cli) -> Result<ExitStatus> {
             Ok(ExitStatus::Success)
         }
     }
+}
+
+/// Asks on a terminal; elsewhere `--yes` is required.
+fn confirm(question: &str) -> Result<()> {
+    if !std::io::stdin().is_terminal() || !std::io::stderr().is_terminal() {
+        return Err(Failure::Usage("not on a terminal: pass --yes to confirm".into()).into());
+    }
+    eprint!("{question} [y/N] ");
+    let mut answer = String::new();
+    std::io::stdin().read_line(&mut answer)?;
+    if matches!(answer.trim(), "y" | "Y" | "yes") {
+        Ok(())
+    } else {
+        Err(Failure::Usage("not confirmed: nothing was changed".into()).into())
+    }
+}
+
+async fn status(g: &cli::Global, args: cli::StatusArgs) -> Result<ExitStatus> {
+    let ctx = context(g)?;
+    let client = ctx.connect("status").await?;
+    if let Some(name) = &args.name {
+        let report = engine::status::status(&ctx, &client).await?;
+        let Some(p) = report.projectors.iter().find(|p| &p.name == name) else {
+            return Err(Failure::Usage(format!("no projector `{name}` in the manifest or the ledger")).into());
+        };
+        let detail = engine::status::detail(&ctx, &client, name).await?;
+        if args.json {
+            println!("{}", serde_json::to_string_pretty(&serde_json::json!({"projector": p, "failures": detail.failures, "holes": detail.holes}))?);
+        } else {
+            println!("{}", report::status::detail(p, &detail, &report));
+        }
+        return Ok(if p.state.is_unhealthy() { ExitStatus::Unhealthy } else { ExitStatus::Success });
+    }
+    let Some(every) = args.watch else {
+        let report = engine::status::status(&ctx, &client).await?;
+        if args.json {
+            println!("{}", serde_json::to_string_pretty(&report)?);
+        } else {
+            println!("{}", report::status::table(&report, g.verbose > 0));
+        }
+        let unhealthy = report.unhealthy(args.max_lag);
+        for u in &unhealthy {
+            if !g.quiet && !args.json {
+                eprintln!("unhealthy: {u}");
+            }
+        }
+        return Ok(if unhealthy.is_empty() { ExitStatus::Success } else { ExitStatus::Unhealthy });
+    };
+    let every = std::time::Duration::from_secs_f64(every.max(0.2));
+    let tty = std::io::stdout().is_terminal();
+    loop {
+        let report = engine::status::status(&ctx, &client).await?;
+        if tty {
+            // Clear the screen and go home: refresh in place.
+            print!("\x1b[2J\x1b[H");
+        }
+        println!("{}", report::status::table(&report, g.verbose > 0));
+        if tty {
+            println!("\nevery {}s, Ctrl-C to stop", every.as_secs_f64());
+        }
+        tokio::select! {
+            _ = tokio::time::sleep(every) => {}
+            _ = tokio::signal::ctrl_c() => return Ok(ExitStatus::Success),
+        }
+    }
+}
+
+/// SIGINT or SIGTERM: finish the batches in flight, then exit 0. A second one exits at once.
+fn spawn_signal_handler(shutdown: tokio_util::sync::CancellationToken) {
+    tokio::spawn(async move {
+        let mut term = tokio::signal::unix::signal(tokio::signal::unix::SignalKind::terminate()).expect("SIGTERM handler");
+        for n in 0.. {
+            tokio::select! {
+                _ = tokio::signal::ctrl_c() => {}
+                _ = term.recv() => {}
+            }
+            if n == 0 {
+                tracing::info!("stopping: finishing the batches in flight");
+                shutdown.cancel();
+            } else {
+                std::process::exit(0);
+            }
+        }
+    });
 }

@@ -1,0 +1,97 @@
+//! One batch of one SQL projector, in one transaction: the handlers and the
+//! guarded position update commit together, so every event's effect lands
+//! exactly once whatever is killed when. Shared by boot, reset and play.
+
+use anyhow::{Context as _, Result};
+use tokio_postgres::Client;
+
+use crate::engine::Context;
+use crate::handlers::sql::{BatchOutcome, CompiledProjector, HandlerFailure};
+use crate::ledger::FailureKind;
+use crate::store::{Position, StoreShape};
+
+/// What to do when a handler fails.
+#[derive(Clone, Copy, Debug, PartialEq, Eq)]
+pub enum OnFailure {
+    /// Keep the events before the failing one and mark the projector broken.
+    Break,
+    /// Keep the events before the failing one, record the failing event as a
+    /// dead letter and move past it.
+    Skip,
+    /// Keep the events before the failing one and record the failure; the
+    /// caller tries the failing event again later.
+    Retry,
+}
+
+#[derive(Debug)]
+pub enum Batch {
+    /// Every event up to the batch's end was projected; `handled` of them had handlers.
+    Done { handled: i64 },
+    /// A handler failed: the position is now `kept` (before the failing event,
+    /// or past it with [`OnFailure::Skip`]).
+    Failed {
+        kept: Position,
+        handled: i64,
+        failure: HandlerFailure,
+    },
+}
+
+/// Runs (from, to] for projector `name`; `run` names the command in the failures table.
+#[allow(clippy::too_many_arguments)]
+pub async fn run(
+    ctx: &Context,
+    shape: &StoreShape,
+    client: &mut Client,
+    compiled: &CompiledProjector,
+    name: &str,
+    from: Position,
+    to: Position,
+    run: &str,
+    on_failure: OnFailure,
+    projector_lock: Option<&str>,
+) -> Result<Option<Batch>> {
+    let time = shape.time_at(client, to).await?;
+    let tx = client.transaction().await?;
+    if let Some(key) = projector_lock
+        && !ctx.locks.try_xact_lock(&tx, key).await?
+    {
+        // Held by a boot or reset: not now.
+        return Ok(None);
+    }
+    match compiled.run(&tx, from, to).await? {
+        BatchOutcome::Done { handled } => {
+            ctx.ledger.advance(&tx, name, from, to, time, handled).await?;
+            tx.commit().await.context("committing a batch")?;
+            Ok(Some(Batch::Done { handled }))
+        }
+        BatchOutcome::Failed { last_ok, failure } => {
+            let mut kept = from;
+            let mut handled = 0;
+            if let Some(ok) = last_ok
+                && let BatchOutcome::Done { handled: n } = compiled.run(&tx, from, ok).await?
+            {
+                let time = shape.time_at(&tx, ok).await?;
+                ctx.ledger.advance(&tx, name, from, ok, time, n).await?;
+                kept = ok;
+                handled = n;
+            }
+            match on_failure {
+                OnFailure::Break => {
+                    ctx.ledger.record_failure(&tx, name, run, &failure, FailureKind::Broken).await?
+                }
+                OnFailure::Retry => {
+                    ctx.ledger.record_failure(&tx, name, run, &failure, FailureKind::Retried).await?
+                }
+                OnFailure::Skip => {
+                    ctx.ledger.record_failure(&tx, name, run, &failure, FailureKind::DeadLetter).await?;
+                    let past = failure.at();
+                    let time = shape.time_at(&tx, past).await?;
+                    ctx.ledger.advance(&tx, name, kept, past, time, 0).await?;
+                    kept = past;
+                }
+            }
+            tx.commit().await.context("recording the failure")?;
+            Ok(Some(Batch::Failed { kept, handled, failure }))
+        }
+    }
+}

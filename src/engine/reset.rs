@@ -1,0 +1,98 @@
+//! `reset`: rebuild projectors from scratch. In one transaction, holding the
+//! projector's lock so a runner cannot interleave, truncate its owned tables
+//! (or run its `reset` SQL) and put its position back to the start (the head
+//! for `from_now`), state `booting`; then replay it as boot does. Several
+//! projectors are reset independently: one failing leaves the others done.
+
+use anyhow::Result;
+
+use crate::engine::Context;
+use crate::engine::boot::{self, BootOptions, BootReport, reset_tables};
+use crate::error::Failure;
+use crate::manifest::Mode;
+use crate::report::progress::Progress;
+use crate::store::{HoleTracker, Position, StoreShape};
+
+#[derive(Clone, Debug)]
+pub struct ResetOptions {
+    pub allow_side_effects: bool,
+    /// Leave the replay to the next boot.
+    pub no_replay: bool,
+    pub boot: BootOptions,
+}
+
+/// What happened to one projector.
+#[derive(Debug, serde::Serialize)]
+pub struct ResetOutcome {
+    pub name: String,
+    /// The replay, unless `--no-replay`.
+    pub replay: Option<BootReport>,
+}
+
+/// Checks names and side effects before anything is written.
+pub fn check(ctx: &Context, names: &[String], allow_side_effects: bool) -> Result<()> {
+    if names.is_empty() {
+        return Err(Failure::Usage("name the projectors to reset, e.g. `projectionist reset band`".into()).into());
+    }
+    for name in names {
+        let Some(p) = ctx.manifest.projector(name) else {
+            return Err(Failure::Usage(format!(
+                "no projector `{name}` in {}",
+                ctx.manifest.path.display()
+            ))
+            .into());
+        };
+        if p.side_effects && !allow_side_effects {
+            return Err(Failure::Usage(format!(
+                "projector `{name}` has side effects: a reset replays them (every email sent again)\n  \
+                 if that is what you want, pass --allow-side-effects"
+            ))
+            .into());
+        }
+    }
+    Ok(())
+}
+
+/// Resets each projector, then replays it unless told not to.
+pub async fn reset(ctx: &Context, names: &[String], opts: &ResetOptions, progress: &Progress) -> Result<Vec<ResetOutcome>> {
+    check(ctx, names, opts.allow_side_effects)?;
+    let mut control = ctx.connect("reset").await?;
+    ctx.ledger.ensure_exists(&control).await?;
+    let shape = crate::engine::validate::validate(&ctx.manifest, &mut control).await?;
+    let mut outcomes = Vec::new();
+    for name in names {
+        reset_one(ctx, &shape, name, opts).await?;
+        let replay = if opts.no_replay {
+            None
+        } else {
+            let mut b = opts.boot.clone();
+            b.names = vec![name.clone()];
+            Some(boot::boot(ctx, b, progress).await?)
+        };
+        outcomes.push(ResetOutcome { name: name.clone(), replay });
+    }
+    Ok(outcomes)
+}
+
+async fn reset_one(ctx: &Context, shape: &StoreShape, name: &str, opts: &ResetOptions) -> Result<()> {
+    let p = ctx.manifest.projector(name).expect("checked");
+    let mut client = ctx.connect("reset").await?;
+    let key = format!("projector:{name}");
+    ctx.locks
+        .lock(&client, &key, &format!("projector `{name}`"), opts.boot.lock_timeout)
+        .await?;
+    let start = if p.mode == Mode::FromNow {
+        let mut holes = HoleTracker::new(ctx.ledger.schema());
+        shape.safe_head(&client, Position::START, &mut holes).await?.position
+    } else {
+        Position::START
+    };
+    let time = shape.time_at(&client, start).await?;
+    let tx = client.transaction().await?;
+    reset_tables(&tx, p).await?;
+    ctx.ledger.start(&tx, p, start, time).await?;
+    tx.commit().await?;
+    ctx.locks.unlock(&client, &key).await.ok();
+    tracing::info!("reset projector `{name}`: tables emptied, position {start}, state booting");
+    Ok(())
+}

@@ -1,0 +1,174 @@
+//! `status` for people: the projector table with its footer, and one
+//! projector in detail. Terminal width is respected on a terminal; piped
+//! output is plain and never wrapped.
+
+use std::io::IsTerminal;
+
+use chrono::{DateTime, Utc};
+use comfy_table::{Cell, Color, ContentArrangement, Table, presets::NOTHING};
+
+use crate::engine::status::{Detail, ProjectorStatus, ShownState, StatusReport};
+use crate::ledger::State;
+
+/// `42s`, `5m`, `3h 2m`, `3d 2h`.
+pub fn duration(secs: f64) -> String {
+    let s = secs.max(0.0) as u64;
+    match s {
+        0..=59 => format!("{s}s"),
+        60..=3599 => format!("{}m", s / 60),
+        3600..=86_399 => format!("{}h {}m", s / 3600, s % 3600 / 60),
+        _ => format!("{}d {}h", s / 86_400, s % 86_400 / 3600),
+    }
+}
+
+fn ago(then: DateTime<Utc>, now: DateTime<Utc>) -> String {
+    format!("{} ago", duration((now - then).num_milliseconds() as f64 / 1000.0))
+}
+
+fn new_table() -> Table {
+    let mut t = Table::new();
+    t.load_style(NOTHING);
+    if std::io::stdout().is_terminal() {
+        t.set_content_arrangement(ContentArrangement::Dynamic);
+        if std::env::var_os("NO_COLOR").is_some() {
+            t.force_no_tty();
+        }
+    } else {
+        t.set_content_arrangement(ContentArrangement::Disabled);
+        t.force_no_tty();
+    }
+    t
+}
+
+fn error_text(p: &ProjectorStatus, now: DateTime<Utc>, verbose: bool) -> String {
+    if p.state == ShownState::Orphaned {
+        return match p.missing_since {
+            Some(t) => format!("removed from manifest {}", ago(t, now)),
+            None => "not in the manifest".into(),
+        };
+    }
+    if !p.waiting_for.is_empty() && p.state == ShownState::Ledger(State::Live) {
+        return format!("waits for {}", p.waiting_for.join(", "));
+    }
+    let Some(e) = &p.error else {
+        return String::new();
+    };
+    let first = e.lines().next().unwrap_or("");
+    let text = match (p.error_position, &p.error_type) {
+        (Some(pos), Some(t)) => format!("#{pos} {t}: {first}"),
+        _ => first.to_string(),
+    };
+    if verbose || text.chars().count() <= 60 {
+        if verbose { format!("{}{}", text, &e[first.len()..]) } else { text }
+    } else {
+        format!("{}…", text.chars().take(59).collect::<String>())
+    }
+}
+
+/// The status table and its footer.
+pub fn table(report: &StatusReport, verbose: bool) -> String {
+    let mut t = new_table();
+    t.set_header(vec!["PROJECTOR", "MODE", "STATE", "POSITION", "LAG", "BEHIND", "UPDATED", "ERROR"]);
+    let now = report.time;
+    for p in &report.projectors {
+        let state = Cell::new(p.state.as_str()).fg(match p.state {
+            ShownState::Ledger(State::Live | State::Finished) => Color::Green,
+            ShownState::Ledger(State::Broken) => Color::Red,
+            ShownState::Ledger(State::Stalled | State::Booting) | ShownState::Orphaned => Color::Yellow,
+            _ => Color::Reset,
+        });
+        t.add_row(vec![
+            Cell::new(&p.name),
+            Cell::new(&p.mode),
+            state,
+            Cell::new(p.position.map(|x| x.to_string()).unwrap_or_else(|| "-".into())),
+            Cell::new(p.lag.map(|x| x.to_string()).unwrap_or_else(|| "-".into())),
+            Cell::new(p.behind_seconds.map(duration).unwrap_or_else(|| "-".into())),
+            Cell::new(p.updated_at.map(|u| ago(u, now)).unwrap_or_else(|| "-".into())),
+            Cell::new(error_text(p, now, verbose)),
+        ]);
+    }
+    let mut out = t.to_string();
+    out.push_str(&format!(
+        "\n\nhead: position {}{}",
+        report.head.position,
+        report
+            .head
+            .time
+            .map(|h| format!(" at {} ({})", h.format("%Y-%m-%d %H:%M:%S UTC"), ago(h, now)))
+            .unwrap_or_default()
+    ));
+    for h in &report.holding {
+        out.push_str(&format!(
+            "\nheld back by: pid {} ({}), transaction running for {}{}",
+            h.pid,
+            if h.application.is_empty() { "no application name" } else { &h.application },
+            duration(h.seconds),
+            if h.state.is_empty() { String::new() } else { format!(", {}", h.state) }
+        ));
+    }
+    out
+}
+
+/// One projector in detail.
+pub fn detail(p: &ProjectorStatus, d: &Detail, report: &StatusReport) -> String {
+    let now = report.time;
+    let mut out = String::new();
+    let mut line = |k: &str, v: String| out.push_str(&format!("{k:<14}{v}\n"));
+    line("projector", p.name.clone());
+    line("mode", p.mode.clone());
+    line("state", p.state.as_str().to_string());
+    line("position", p.position.map(|x| x.to_string()).unwrap_or_else(|| "-".into()));
+    line("head", report.head.position.to_string());
+    line("lag", p.lag.map(|x| format!("{x} events")).unwrap_or_else(|| "-".into()));
+    line("behind", p.behind_seconds.map(duration).unwrap_or_else(|| "-".into()));
+    line("updated", p.updated_at.map(|u| ago(u, now)).unwrap_or_else(|| "-".into()));
+    line("version", p.version.map(|v| v.to_string()).unwrap_or_else(|| "-".into()));
+    line("side effects", if p.side_effects { "yes".into() } else { "no".into() });
+    line("tables", if p.tables.is_empty() { "-".into() } else { p.tables.join(", ") });
+    line("processed", format!("{} events since its last (re)start", p.events_processed));
+    if let Some(m) = p.missing_since {
+        line("missing since", format!("{} ({})", m.format("%Y-%m-%d %H:%M:%S UTC"), ago(m, now)));
+    }
+    if !p.waiting_for.is_empty() {
+        line("waits for", p.waiting_for.join(", "));
+    }
+    if let Some(e) = &p.error {
+        line(
+            "error",
+            format!(
+                "#{} {}: {}",
+                p.error_position.unwrap_or_default(),
+                p.error_type.clone().unwrap_or_default(),
+                e
+            ),
+        );
+    }
+    out.push_str("\nlast failures:\n");
+    if d.failures.is_empty() {
+        out.push_str("  none\n");
+    } else {
+        let mut t = new_table();
+        t.set_header(vec!["POSITION", "TYPE", "RUN", "WHEN", "ERROR"]);
+        for f in &d.failures {
+            t.add_row(vec![
+                f.position.to_string(),
+                f.event_type.clone().unwrap_or_default(),
+                if f.dead_letter { format!("{} (skipped)", f.run) } else { f.run.clone() },
+                ago(f.at, now),
+                f.error.clone(),
+            ]);
+        }
+        out.push_str(&t.to_string());
+        out.push('\n');
+    }
+    out.push_str("\npassed holes in the positions (latest):\n");
+    if d.holes.is_empty() {
+        out.push_str("  none\n");
+    } else {
+        for (lo, hi, at) in &d.holes {
+            out.push_str(&format!("  {lo}..={hi}, passed {}\n", ago(*at, now)));
+        }
+    }
+    out.trim_end().to_string()
+}
