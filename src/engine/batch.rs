@@ -32,7 +32,7 @@ pub enum Batch {
     Failed {
         kept: Position,
         handled: i64,
-        failure: HandlerFailure,
+        failure: Box<HandlerFailure>,
     },
 }
 

@@ -388,7 +388,7 @@ async fn boot_one(
                         outcome.seconds = started.elapsed().as_secs_f64();
                         publish(shared, &p.name, kept);
                         bar.finish("broken");
-                        return Ok(TaskEnd::Broken(outcome, failure));
+                        return Ok(TaskEnd::Broken(outcome, *failure));
                     }
                 }
             }

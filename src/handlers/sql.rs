@@ -116,7 +116,7 @@ pub enum BatchOutcome {
     /// to it to keep that progress).
     Failed {
         last_ok: Option<Position>,
-        failure: HandlerFailure,
+        failure: Box<HandlerFailure>,
     },
 }
 
@@ -238,7 +238,7 @@ END
         };
         Ok(BatchOutcome::Failed {
             last_ok,
-            failure: HandlerFailure {
+            failure: Box::new(HandlerFailure {
                 position,
                 tx: row
                     .get::<_, Option<String>>(11)
@@ -252,7 +252,7 @@ END
                 detail: row.get::<_, Option<String>>(8).filter(|s| !s.is_empty()),
                 hint: row.get::<_, Option<String>>(9).filter(|s| !s.is_empty()),
                 context: row.get::<_, Option<String>>(10).filter(|s| !s.is_empty()),
-            },
+            }),
         })
     }
 }
