@@ -441,6 +441,46 @@ impl StoreShape {
         }
     }
 
+    /// The last event before `before` and after `after` (or `after` itself):
+    /// where a projector stands when the event at `before` fails.
+    pub async fn predecessor(
+        &self,
+        client: &impl tokio_postgres::GenericClient,
+        after: Position,
+        before: Position,
+    ) -> Result<Position> {
+        let p = &self.position;
+        let (sql, params_tx): (String, bool) = match &self.transaction {
+            Some(t) => (
+                format!(
+                    "SELECT e.{t}::text, e.{p}::bigint FROM {tab} e \
+                     WHERE (e.{t}, e.{p}) < ($1::text::xid8, $2) AND (e.{t}, e.{p}) > ($3::text::xid8, $4) \
+                     ORDER BY e.{t} DESC, e.{p} DESC LIMIT 1",
+                    tab = self.table
+                ),
+                true,
+            ),
+            None => (
+                format!(
+                    "SELECT NULL::text, e.{p}::bigint FROM {tab} e WHERE e.{p} < $2 AND e.{p} > $4 \
+                     AND $1::text IS NULL AND $3::text IS NULL ORDER BY e.{p} DESC LIMIT 1",
+                    tab = self.table
+                ),
+                false,
+            ),
+        };
+        let before_tx = if params_tx { before.tx_text() } else { None };
+        let after_tx = if params_tx { Some(after.tx_text().unwrap_or_else(|| "0".into())) } else { None };
+        let row = client
+            .query_opt(&sql, &[&before_tx, &before.id, &after_tx, &after.id])
+            .await
+            .context("finding the event before a failing one")?;
+        match row {
+            Some(r) => Position::from_parts(r.get(0), r.get(1)),
+            None => Ok(after),
+        }
+    }
+
     /// Reads the events in (after, upto], at most `limit`, in order, of the given types.
     /// Callers page through a store with constant memory by passing the last position back.
     pub async fn read_events(

@@ -65,14 +65,28 @@ pub async fn run(
             Ok(Some(Batch::Done { handled }))
         }
         BatchOutcome::Failed { last_ok, failure } => {
+            // Keep everything before the failing event: replay the batch up to the event before it.
             let mut kept = from;
             let mut handled = 0;
-            if let Some(ok) = last_ok
-                && let BatchOutcome::Done { handled: n } = compiled.run(&tx, from, ok).await?
-            {
-                let time = shape.time_at(&tx, ok).await?;
-                ctx.ledger.advance(&tx, name, from, ok, time, n).await?;
-                kept = ok;
+            let before = shape.predecessor(&tx, from, failure.at()).await?;
+            if before > from {
+                let n = match last_ok {
+                    Some(_) => match compiled.run(&tx, from, before).await? {
+                        BatchOutcome::Done { handled } => handled,
+                        BatchOutcome::Failed { failure: again, .. } => {
+                            tx.rollback().await?;
+                            anyhow::bail!(
+                                "projector `{name}` failed at event #{} and then, replaying the events before it, at #{}: its handlers are not deterministic",
+                                failure.position,
+                                again.position
+                            );
+                        }
+                    },
+                    None => 0,
+                };
+                let time = shape.time_at(&tx, before).await?;
+                ctx.ledger.advance(&tx, name, from, before, time, n).await?;
+                kept = before;
                 handled = n;
             }
             match on_failure {

@@ -100,6 +100,9 @@ impl ProjectorProgress {
         let mut l = self.lines.lock().unwrap();
         l.target = target;
         let position = l.position;
+        if l.start.is_none() {
+            l.started = Instant::now();
+        }
         let start = *l.start.get_or_insert(position);
         if let Some(b) = &self.bar {
             b.set_length((target - start).max(0) as u64);
@@ -109,6 +112,9 @@ impl ProjectorProgress {
     pub fn set_position(&self, position: i64) {
         let mut l = self.lines.lock().unwrap();
         l.position = position;
+        if l.start.is_none() {
+            l.started = Instant::now();
+        }
         let start = *l.start.get_or_insert(position);
         if let Some(b) = &self.bar {
             b.set_position((position - start).max(0) as u64);
