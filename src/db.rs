@@ -161,14 +161,19 @@ impl Database {
     pub async fn connect_listening(
         &self,
         application_name: &str,
-    ) -> Result<(Client, tokio::sync::mpsc::UnboundedReceiver<tokio_postgres::Notification>)> {
+    ) -> Result<(
+        Client,
+        tokio::sync::mpsc::UnboundedReceiver<tokio_postgres::Notification>,
+    )> {
         let mut config = self.config.clone();
         config.application_name(application_name);
         let tls = self.tls_connector()?;
-        let (client, mut connection) = config
-            .connect(tls)
-            .await
-            .map_err(|e| Failure::Unreachable(format!("cannot connect to the database at {}: {e}", self.target())))?;
+        let (client, mut connection) = config.connect(tls).await.map_err(|e| {
+            Failure::Unreachable(format!(
+                "cannot connect to the database at {}: {e}",
+                self.target()
+            ))
+        })?;
         let (tx, rx) = tokio::sync::mpsc::unbounded_channel();
         tokio::spawn(async move {
             let mut messages = futures_util::stream::poll_fn(move |cx| connection.poll_message(cx));
@@ -266,9 +271,8 @@ impl Database {
 fn split_tls_options(conn: &str) -> Result<(String, Option<String>, Option<String>)> {
     let conn = conn.trim();
     if conn.starts_with("postgres://") || conn.starts_with("postgresql://") {
-        let mut url = url::Url::parse(conn).map_err(|e| {
-            Failure::Usage(format!("the database URL is not valid: {e}"))
-        })?;
+        let mut url = url::Url::parse(conn)
+            .map_err(|e| Failure::Usage(format!("the database URL is not valid: {e}")))?;
         let mut sslmode = None;
         let mut root = None;
         let kept: Vec<(String, String)> = url
@@ -363,9 +367,9 @@ pub fn describe_db_error(db: &DbError) -> String {
             tokio_postgres::error::ErrorPosition::Original(n) => {
                 s.push_str(&format!("\n  position: character {n}"))
             }
-            tokio_postgres::error::ErrorPosition::Internal { position, query } => s.push_str(
-                &format!("\n  position: character {position} of `{query}`"),
-            ),
+            tokio_postgres::error::ErrorPosition::Internal { position, query } => {
+                s.push_str(&format!("\n  position: character {position} of `{query}`"))
+            }
         }
     }
     if let Some(w) = db.where_() {
@@ -490,9 +494,10 @@ mod tests {
 
     #[test]
     fn urls_keep_other_options_and_lose_tls_ones() {
-        let (rest, mode, root) =
-            split_tls_options("postgres://u:secret@h:5/db?sslmode=verify-full&sslrootcert=/r.crt&connect_timeout=3")
-                .unwrap();
+        let (rest, mode, root) = split_tls_options(
+            "postgres://u:secret@h:5/db?sslmode=verify-full&sslrootcert=/r.crt&connect_timeout=3",
+        )
+        .unwrap();
         assert_eq!(rest, "postgres://u:secret@h:5/db?connect_timeout=3");
         assert_eq!(mode.as_deref(), Some("verify-full"));
         assert_eq!(root.as_deref(), Some("/r.crt"));
@@ -500,9 +505,10 @@ mod tests {
 
     #[test]
     fn key_value_strings_with_quotes() {
-        let (rest, mode, root) =
-            split_tls_options("host=h password='it\\'s x' sslmode=verify-ca sslrootcert='/a b/r.crt'")
-                .unwrap();
+        let (rest, mode, root) = split_tls_options(
+            "host=h password='it\\'s x' sslmode=verify-ca sslrootcert='/a b/r.crt'",
+        )
+        .unwrap();
         assert_eq!(mode.as_deref(), Some("verify-ca"));
         assert_eq!(root.as_deref(), Some("/a b/r.crt"));
         assert!(rest.starts_with("host=h password="));
@@ -517,10 +523,15 @@ mod tests {
 
     #[test]
     fn verify_full_without_root_cert_is_a_usage_error() {
-        let db = Database::parse("postgres://u@h/db?sslmode=verify-full&sslrootcert=/nonexistent/root.crt")
-            .unwrap();
+        let db = Database::parse(
+            "postgres://u@h/db?sslmode=verify-full&sslrootcert=/nonexistent/root.crt",
+        )
+        .unwrap();
         let err = db.tls_connector().err().unwrap();
-        assert_eq!(crate::error::exit_status(&err), crate::error::ExitStatus::Usage);
+        assert_eq!(
+            crate::error::exit_status(&err),
+            crate::error::ExitStatus::Usage
+        );
     }
 
     #[test]

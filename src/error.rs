@@ -76,7 +76,10 @@ pub fn render(err: &anyhow::Error) -> String {
                 None => pg.to_string(),
             },
             None => {
-                if cause.downcast_ref::<tokio_postgres::error::DbError>().is_some() {
+                if cause
+                    .downcast_ref::<tokio_postgres::error::DbError>()
+                    .is_some()
+                {
                     // Already printed through its tokio_postgres::Error wrapper.
                     continue;
                 }

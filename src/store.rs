@@ -4,8 +4,9 @@
 //! Gap safety is what keeps an event from being skipped when transactions
 //! commit out of order:
 //! - with `[store].transaction` (an xid8 column), events are ordered by
-//!   (transaction id, position) and read only below the oldest running
-//!   transaction (`pg_snapshot_xmin`), so nothing can appear behind a reader;
+//!   (transaction id, position) and read only below the oldest transaction
+//!   still running in this database (see [`HORIZON`]), so nothing can appear
+//!   behind a reader;
 //! - without it, a hole in the positions is held while a transaction that may
 //!   still fill it is alive (it holds a write lock on the table and began
 //!   before the hole was first seen), and passed once none is; each passed
@@ -20,6 +21,25 @@ use tokio_postgres::types::ToSql;
 
 use crate::db::{quote_ident, quote_literal, quote_qualified};
 use crate::manifest::{Problem, Store};
+
+/// The oldest transaction id that may still insert an event: the lowest
+/// running one of *this* database (top-level xids of its backends and its
+/// prepared transactions), or the snapshot's xmax when none runs.
+///
+/// `pg_snapshot_xmin` alone would do, but it is cluster-wide: one long
+/// transaction in another database would hold every projector back. Other
+/// databases cannot insert into this table, so they are left out. Without the
+/// privilege to see other roles' backends, the cluster-wide xmin is used.
+pub const HORIZON: &str = "SELECT CASE WHEN NOT (pg_has_role('pg_read_all_stats', 'MEMBER') \
+       OR (SELECT rolsuper FROM pg_roles WHERE rolname = current_user)) \
+     THEN pg_snapshot_xmin(pg_current_snapshot()) \
+     ELSE coalesce((SELECT min(x) FROM pg_snapshot_xip(pg_current_snapshot()) x \
+        WHERE (x::text::bigint % 4294967296) IN ( \
+          SELECT backend_xid::text::bigint FROM pg_stat_activity \
+           WHERE datname = current_database() AND backend_xid IS NOT NULL \
+          UNION ALL SELECT transaction::text::bigint FROM pg_prepared_xacts \
+           WHERE database = current_database())), \
+        pg_snapshot_xmax(pg_current_snapshot())) END";
 
 /// A place in the event order: the event's position, and with a transaction
 /// column its transaction id (the order is then (tx, position)).
@@ -38,7 +58,10 @@ impl Position {
 
     pub fn from_parts(tx: Option<String>, id: i64) -> Result<Position> {
         Ok(Position {
-            tx: tx.map(|t| t.parse()).transpose().context("reading an xid8")?,
+            tx: tx
+                .map(|t| t.parse())
+                .transpose()
+                .context("reading an xid8")?,
             id,
         })
     }
@@ -104,7 +127,13 @@ impl StoreShape {
         let row = client
             .query_opt("SELECT to_regclass($1)::text", &[&table])
             .await
-            .map_err(|e| vec![Problem::new(span.clone(), format!("cannot look up the events table: {e}"), "here")])?;
+            .map_err(|e| {
+                vec![Problem::new(
+                    span.clone(),
+                    format!("cannot look up the events table: {e}"),
+                    "here",
+                )]
+            })?;
         let regclass: Option<String> = row.and_then(|r| r.get(0));
         let Some(regclass) = regclass else {
             return Err(vec![
@@ -123,7 +152,13 @@ impl StoreShape {
                 &[&regclass],
             )
             .await
-            .map_err(|e| vec![Problem::new(span.clone(), format!("cannot read the events table's columns: {e}"), "here")])?
+            .map_err(|e| {
+                vec![Problem::new(
+                    span.clone(),
+                    format!("cannot read the events table's columns: {e}"),
+                    "here",
+                )]
+            })?
             .into_iter()
             .map(|r| (r.get(0), r.get(1)))
             .collect();
@@ -139,10 +174,7 @@ impl StoreShape {
                             format!("store.{key}: column `{col}` does not exist in {regclass}"),
                             format!("{key} = \"{col}\""),
                         )
-                        .help(format!(
-                            "columns of {regclass}: {}",
-                            sorted(cols.keys())
-                        )),
+                        .help(format!("columns of {regclass}: {}", sorted(cols.keys()))),
                     );
                     None
                 }
@@ -160,11 +192,23 @@ impl StoreShape {
                 Some(t) => Some(t.clone()),
             }
         };
-        let position = check("position", &Some(store.position.clone()), &["bigint", "integer", "smallint"]);
-        let typ = check("type", &Some(store.event_type.clone()), &["text", "character varying", "character", "name"]);
+        let position = check(
+            "position",
+            &Some(store.position.clone()),
+            &["bigint", "integer", "smallint"],
+        );
+        let typ = check(
+            "type",
+            &Some(store.event_type.clone()),
+            &["text", "character varying", "character", "name"],
+        );
         let data = check("data", &Some(store.data.clone()), &["jsonb", "json"]);
         check("stream", &store.stream, &[]);
-        let time = check("time", &store.time, &["timestamp with time zone", "timestamp without time zone"]);
+        let time = check(
+            "time",
+            &store.time,
+            &["timestamp with time zone", "timestamp without time zone"],
+        );
         let metadata = check("metadata", &store.metadata, &["jsonb", "json"]);
         check("transaction", &store.transaction, &["xid8"]);
         if !problems.is_empty() || position.is_none() || typ.is_none() || data.is_none() {
@@ -222,11 +266,19 @@ impl StoreShape {
 
     /// The WHERE condition of events after `$a` up to `$u` (both inclusive-exclusive as
     /// (after, upto]) and the ORDER BY, for parameters named by the caller.
-    pub fn range(&self, after_tx: &str, after: &str, upto_tx: &str, upto: &str) -> (String, String) {
+    pub fn range(
+        &self,
+        after_tx: &str,
+        after: &str,
+        upto_tx: &str,
+        upto: &str,
+    ) -> (String, String) {
         let p = &self.position;
         match &self.transaction {
             Some(t) => (
-                format!("(e.{t}, e.{p}) > ({after_tx}, {after}) AND (e.{t}, e.{p}) <= ({upto_tx}, {upto})"),
+                format!(
+                    "(e.{t}, e.{p}) > ({after_tx}, {after}) AND (e.{t}, e.{p}) <= ({upto_tx}, {upto})"
+                ),
                 format!("e.{t}, e.{p}"),
             ),
             None => (
@@ -246,14 +298,21 @@ impl StoreShape {
                 if types.is_empty() {
                     "NULL".to_string()
                 } else {
-                    types.iter().map(|t| quote_literal(t)).collect::<Vec<_>>().join(", ")
+                    types
+                        .iter()
+                        .map(|t| quote_literal(t))
+                        .collect::<Vec<_>>()
+                        .join(", ")
                 }
             ),
         }
     }
 
     /// The newest event visible now (committed), whatever holds it back.
-    pub async fn visible_head(&self, client: &Client) -> Result<Option<(Position, Option<DateTime<Utc>>)>> {
+    pub async fn visible_head(
+        &self,
+        client: &Client,
+    ) -> Result<Option<(Position, Option<DateTime<Utc>>)>> {
         let (order, tx) = self.order_desc();
         let sql = format!(
             "SELECT {tx}, e.{p}::bigint, {time} FROM {t} e ORDER BY {order} LIMIT 1",
@@ -261,13 +320,20 @@ impl StoreShape {
             t = self.table,
             time = self.time_expr(),
         );
-        let row = client.query_opt(&sql, &[]).await.context("reading the head of the event store")?;
-        row.map(|r| Ok((Position::from_parts(r.get(0), r.get(1))?, r.get(2)))).transpose()
+        let row = client
+            .query_opt(&sql, &[])
+            .await
+            .context("reading the head of the event store")?;
+        row.map(|r| Ok((Position::from_parts(r.get(0), r.get(1))?, r.get(2))))
+            .transpose()
     }
 
     fn order_desc(&self) -> (String, String) {
         match &self.transaction {
-            Some(t) => (format!("e.{t} DESC, e.{} DESC", self.position), format!("e.{t}::text")),
+            Some(t) => (
+                format!("e.{t} DESC, e.{} DESC", self.position),
+                format!("e.{t}::text"),
+            ),
             None => (format!("e.{} DESC", self.position), "NULL::text".into()),
         }
     }
@@ -281,7 +347,11 @@ impl StoreShape {
     }
 
     /// The time of the event at `pos` (for BEHIND), if the store has a time column.
-    pub async fn time_at(&self, client: &impl tokio_postgres::GenericClient, pos: Position) -> Result<Option<DateTime<Utc>>> {
+    pub async fn time_at(
+        &self,
+        client: &impl tokio_postgres::GenericClient,
+        pos: Position,
+    ) -> Result<Option<DateTime<Utc>>> {
         if self.time.is_none() || pos.id == 0 {
             return Ok(None);
         }
@@ -291,7 +361,10 @@ impl StoreShape {
             self.table,
             self.position
         );
-        Ok(client.query_opt(&sql, &[&pos.id]).await?.and_then(|r| r.get(0)))
+        Ok(client
+            .query_opt(&sql, &[&pos.id])
+            .await?
+            .and_then(|r| r.get(0)))
     }
 
     /// The last position that can be read now without skipping an event that
@@ -303,16 +376,24 @@ impl StoreShape {
         holes: &mut HoleTracker,
     ) -> Result<SafeHead> {
         let Some((visible, _)) = self.visible_head(client).await? else {
-            return Ok(SafeHead { position: after, visible: after, held_by: Vec::new() });
+            return Ok(SafeHead {
+                position: after,
+                visible: after,
+                held_by: Vec::new(),
+            });
         };
         if visible <= after {
-            return Ok(SafeHead { position: after, visible, held_by: Vec::new() });
+            return Ok(SafeHead {
+                position: after,
+                visible,
+                held_by: Vec::new(),
+            });
         }
         match &self.transaction {
             Some(t) => {
                 let sql = format!(
                     "SELECT e.{t}::text, e.{p}::bigint FROM {tab} e \
-                     WHERE e.{t} < pg_snapshot_xmin(pg_current_snapshot()) \
+                     WHERE e.{t} < ({HORIZON}) \
                      ORDER BY e.{t} DESC, e.{p} DESC LIMIT 1",
                     p = self.position,
                     tab = self.table
@@ -321,8 +402,16 @@ impl StoreShape {
                     Some(r) => Position::from_parts(r.get(0), r.get(1))?.max(after),
                     None => after,
                 };
-                let held_by = if safe < visible { self.oldest_transactions(client).await? } else { Vec::new() };
-                Ok(SafeHead { position: safe, visible, held_by })
+                let held_by = if safe < visible {
+                    self.oldest_transactions(client).await?
+                } else {
+                    Vec::new()
+                };
+                Ok(SafeHead {
+                    position: safe,
+                    visible,
+                    held_by,
+                })
             }
             None => self.safe_head_by_holes(client, after, visible, holes).await,
         }
@@ -348,14 +437,21 @@ impl StoreShape {
         );
         loop {
             let Some(row) = client.query_opt(&sql, &[&after.id, &visible.id]).await? else {
-                return Ok(SafeHead { position: visible, visible, held_by: Vec::new() });
+                return Ok(SafeHead {
+                    position: visible,
+                    visible,
+                    held_by: Vec::new(),
+                });
             };
             let (lo, hi, now): (i64, i64, DateTime<Utc>) = (row.get(0), row.get(1), row.get(2));
             let first_seen = *holes.first_seen.entry(lo).or_insert(now);
             let held_by = self.writers_since(client, first_seen).await?;
             if !held_by.is_empty() {
                 return Ok(SafeHead {
-                    position: Position { tx: None, id: lo - 1 },
+                    position: Position {
+                        tx: None,
+                        id: lo - 1,
+                    },
                     visible,
                     held_by,
                 });
@@ -379,12 +475,17 @@ impl StoreShape {
     }
 
     /// Transactions that hold a write lock on the events table and began no later than `since`.
-    async fn writers_since(&self, client: &Client, since: DateTime<Utc>) -> Result<Vec<(i32, f64)>> {
+    async fn writers_since(
+        &self,
+        client: &Client,
+        since: DateTime<Utc>,
+    ) -> Result<Vec<(i32, f64)>> {
         let rows = client
             .query(
                 "SELECT coalesce(l.pid, 0), coalesce(extract(epoch FROM clock_timestamp() - a.xact_start), 0)::float8 \
                  FROM pg_locks l LEFT JOIN pg_stat_activity a ON a.pid = l.pid \
                  WHERE l.locktype = 'relation' AND l.relation = $1::text::regclass AND l.granted \
+                   AND l.database = (SELECT oid FROM pg_database WHERE datname = current_database()) \
                    AND l.mode IN ('RowExclusiveLock', 'ShareRowExclusiveLock', 'ExclusiveLock', 'AccessExclusiveLock') \
                    AND l.pid IS DISTINCT FROM pg_backend_pid() \
                    AND (a.pid IS NULL OR a.xact_start IS NULL OR a.xact_start <= $2)",
@@ -401,6 +502,7 @@ impl StoreShape {
             .query(
                 "SELECT pid, coalesce(extract(epoch FROM clock_timestamp() - xact_start), 0)::float8 \
                  FROM pg_stat_activity WHERE backend_xid IS NOT NULL AND pid <> pg_backend_pid() \
+                   AND datname = current_database() \
                  ORDER BY age(backend_xid) DESC LIMIT 3",
                 &[],
             )
@@ -421,7 +523,10 @@ impl StoreShape {
         }
         match &self.transaction {
             // Positions are dense enough that a range of `size` ids is a batch of about `size` events.
-            None => Ok(Position { tx: None, id: (after.id.saturating_add(size)).min(limit.id) }),
+            None => Ok(Position {
+                tx: None,
+                id: (after.id.saturating_add(size)).min(limit.id),
+            }),
             Some(_) => {
                 let (cond, order) = self.range("$1::text::xid8", "$2", "$3::text::xid8", "$4");
                 let sql = format!(
@@ -432,7 +537,8 @@ impl StoreShape {
                 );
                 let after_tx = after.tx_text().unwrap_or_else(|| "0".into());
                 let limit_tx = limit.tx_text();
-                let params: [&(dyn ToSql + Sync); 5] = [&after_tx, &after.id, &limit_tx, &limit.id, &(size - 1)];
+                let params: [&(dyn ToSql + Sync); 5] =
+                    [&after_tx, &after.id, &limit_tx, &limit.id, &(size - 1)];
                 match client.query_opt(&sql, &params).await? {
                     Some(r) => Position::from_parts(r.get(0), r.get(1)),
                     None => Ok(limit),
@@ -470,7 +576,11 @@ impl StoreShape {
             ),
         };
         let before_tx = if params_tx { before.tx_text() } else { None };
-        let after_tx = if params_tx { Some(after.tx_text().unwrap_or_else(|| "0".into())) } else { None };
+        let after_tx = if params_tx {
+            Some(after.tx_text().unwrap_or_else(|| "0".into()))
+        } else {
+            None
+        };
         let row = client
             .query_opt(&sql, &[&before_tx, &before.id, &after_tx, &after.id])
             .await
@@ -479,6 +589,66 @@ impl StoreShape {
             Some(r) => Position::from_parts(r.get(0), r.get(1)),
             None => Ok(after),
         }
+    }
+
+    /// The events in (after, upto] as the JSON lines of the command protocol,
+    /// built by PostgreSQL: (position, type, line). At most `limit`, in order.
+    pub async fn read_event_lines(
+        &self,
+        client: &impl tokio_postgres::GenericClient,
+        after: Position,
+        upto: Position,
+        types: Option<&[String]>,
+        limit: i64,
+    ) -> Result<Vec<(Position, String, String)>> {
+        let (cond, order) = self.range("$1::text::xid8", "$2", "$3::text::xid8", "$4");
+        let stream = self
+            .stream
+            .as_ref()
+            .map(|s| format!("e.{s}::text"))
+            .unwrap_or_else(|| "NULL::text".into());
+        let time = format!(
+            "to_char({} AT TIME ZONE 'UTC', 'YYYY-MM-DD\"T\"HH24:MI:SS.US\"Z\"')",
+            self.time_expr()
+        );
+        let data = if self.data_is_json {
+            format!("e.{}::jsonb", self.data)
+        } else {
+            format!("e.{}", self.data)
+        };
+        let metadata = match &self.metadata {
+            Some(m) => format!("e.{m}::jsonb"),
+            None => "NULL::jsonb".into(),
+        };
+        let tx = self
+            .transaction
+            .as_ref()
+            .map(|t| format!("e.{t}::text"))
+            .unwrap_or_else(|| "NULL::text".into());
+        let sql = format!(
+            "SELECT {tx}, e.{p}::bigint, e.{ty}::text, json_build_object('position', e.{p}, 'type', e.{ty}, \
+             'stream', {stream}, 'time', {time}, 'data', {data}, 'metadata', {metadata})::text \
+             FROM {tab} e WHERE {cond} AND {filter} ORDER BY {order} LIMIT $5",
+            p = self.position,
+            ty = self.event_type,
+            tab = self.table,
+            filter = self.type_filter(types),
+        );
+        let after_tx = after.tx_text().unwrap_or_else(|| "0".into());
+        let upto_tx = upto.tx_text();
+        let rows = client
+            .query(&sql, &[&after_tx, &after.id, &upto_tx, &upto.id, &limit])
+            .await
+            .context("reading events")?;
+        rows.into_iter()
+            .map(|r| {
+                Ok((
+                    Position::from_parts(r.get(0), r.get(1))?,
+                    r.get(2),
+                    r.get(3),
+                ))
+            })
+            .collect()
     }
 
     /// Reads the events in (after, upto], at most `limit`, in order, of the given types.
@@ -541,4 +711,3 @@ fn sorted<'a>(names: impl Iterator<Item = &'a String>) -> String {
     v.sort();
     v.join(", ")
 }
-

@@ -10,10 +10,15 @@ use tokio::io::AsyncWriteExt;
 const ALERT_TIMEOUT: Duration = Duration::from_secs(30);
 
 /// Runs `command` (no shell) with `doc` on stdin; `Err` says why it failed.
-pub async fn run(command: &[String], doc: &serde_json::Value) -> Result<(), String> {
+pub async fn run(
+    command: &[String],
+    dir: &std::path::Path,
+    doc: &serde_json::Value,
+) -> Result<(), String> {
     let shown = command.join(" ");
     let mut child = tokio::process::Command::new(&command[0])
         .args(&command[1..])
+        .current_dir(dir)
         .stdin(Stdio::piped())
         .stdout(Stdio::null())
         .stderr(Stdio::piped())
@@ -43,7 +48,11 @@ pub async fn run(command: &[String], doc: &serde_json::Value) -> Result<(), Stri
             Err(format!(
                 "the alert command `{shown}` exited with {}{}",
                 out.status,
-                if tail.is_empty() { String::new() } else { format!(": {}", tail.join(" | ")) }
+                if tail.is_empty() {
+                    String::new()
+                } else {
+                    format!(": {}", tail.join(" | "))
+                }
             ))
         }
         Ok(Ok(_)) => Ok(()),

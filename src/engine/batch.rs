@@ -6,9 +6,46 @@ use anyhow::{Context as _, Result};
 use tokio_postgres::Client;
 
 use crate::engine::Context;
+use crate::handlers::command::{CommandRunner, Delivery};
 use crate::handlers::sql::{BatchOutcome, CompiledProjector, HandlerFailure};
 use crate::ledger::FailureKind;
+use crate::manifest::Projector;
 use crate::store::{Position, StoreShape};
+
+/// What runs a projector's events: its compiled SQL handlers, or its command.
+pub enum Runner {
+    Sql(CompiledProjector),
+    Command(CommandRunner),
+}
+
+impl Runner {
+    /// Prepares a projector on this connection (SQL: installs its function).
+    pub async fn new(
+        ctx: &Context,
+        shape: &StoreShape,
+        p: &Projector,
+        client: &Client,
+        run: &'static str,
+    ) -> Result<Runner> {
+        if p.command.is_some() {
+            return Ok(Runner::Command(CommandRunner::new(
+                p,
+                run,
+                ctx.manifest.dir(),
+            )));
+        }
+        let compiled = CompiledProjector::compile(shape, p);
+        compiled.install(client).await?;
+        Ok(Runner::Sql(compiled))
+    }
+
+    /// The end of a run: a command's stdin is closed.
+    pub async fn finish(&mut self) {
+        if let Runner::Command(c) = self {
+            c.finish().await;
+        }
+    }
+}
 
 /// What to do when a handler fails.
 #[derive(Clone, Copy, Debug, PartialEq, Eq)]
@@ -42,7 +79,7 @@ pub async fn run(
     ctx: &Context,
     shape: &StoreShape,
     client: &mut Client,
-    compiled: &CompiledProjector,
+    runner: &mut Runner,
     name: &str,
     from: Position,
     to: Position,
@@ -58,9 +95,21 @@ pub async fn run(
         // Held by a boot or reset: not now.
         return Ok(None);
     }
+    let compiled = match runner {
+        Runner::Sql(c) => c,
+        Runner::Command(c) => {
+            let delivery = c.deliver(shape, &tx, from, to).await?;
+            return finish_delivery(
+                ctx, shape, tx, name, from, to, time, delivery, run, on_failure,
+            )
+            .await;
+        }
+    };
     match compiled.run(&tx, from, to).await? {
         BatchOutcome::Done { handled } => {
-            ctx.ledger.advance(&tx, name, from, to, time, handled).await?;
+            ctx.ledger
+                .advance(&tx, name, from, to, time, handled)
+                .await?;
             tx.commit().await.context("committing a batch")?;
             Ok(Some(Batch::Done { handled }))
         }
@@ -89,23 +138,93 @@ pub async fn run(
                 kept = before;
                 handled = n;
             }
-            match on_failure {
-                OnFailure::Break => {
-                    ctx.ledger.record_failure(&tx, name, run, &failure, FailureKind::Broken).await?
-                }
-                OnFailure::Retry => {
-                    ctx.ledger.record_failure(&tx, name, run, &failure, FailureKind::Retried).await?
-                }
-                OnFailure::Skip => {
-                    ctx.ledger.record_failure(&tx, name, run, &failure, FailureKind::DeadLetter).await?;
-                    let past = failure.at();
-                    let time = shape.time_at(&tx, past).await?;
-                    ctx.ledger.advance(&tx, name, kept, past, time, 0).await?;
-                    kept = past;
-                }
-            }
+            record(ctx, shape, &tx, name, run, on_failure, &failure, &mut kept).await?;
             tx.commit().await.context("recording the failure")?;
-            Ok(Some(Batch::Failed { kept, handled, failure }))
+            Ok(Some(Batch::Failed {
+                kept,
+                handled,
+                failure,
+            }))
+        }
+    }
+}
+
+/// Records a failure by the policy; with Skip moves `kept` past the failing event.
+#[allow(clippy::too_many_arguments)]
+async fn record(
+    ctx: &Context,
+    shape: &StoreShape,
+    tx: &tokio_postgres::Transaction<'_>,
+    name: &str,
+    run: &str,
+    on_failure: OnFailure,
+    failure: &HandlerFailure,
+    kept: &mut Position,
+) -> Result<()> {
+    let tx = tx;
+    let failure = failure;
+    match on_failure {
+        OnFailure::Break => {
+            ctx.ledger
+                .record_failure(tx, name, run, failure, FailureKind::Broken)
+                .await?
+        }
+        OnFailure::Retry => {
+            ctx.ledger
+                .record_failure(tx, name, run, failure, FailureKind::Retried)
+                .await?
+        }
+        OnFailure::Skip => {
+            ctx.ledger
+                .record_failure(tx, name, run, failure, FailureKind::DeadLetter)
+                .await?;
+            let past = failure.at();
+            let time = shape.time_at(tx, past).await?;
+            ctx.ledger.advance(tx, name, *kept, past, time, 0).await?;
+            *kept = past;
+        }
+    }
+    Ok(())
+}
+
+/// A command projector's batch: the ledger follows what the process acknowledged.
+#[allow(clippy::too_many_arguments)]
+async fn finish_delivery(
+    ctx: &Context,
+    shape: &StoreShape,
+    tx: tokio_postgres::Transaction<'_>,
+    name: &str,
+    from: Position,
+    to: Position,
+    time: Option<chrono::DateTime<chrono::Utc>>,
+    delivery: Delivery,
+    run: &str,
+    on_failure: OnFailure,
+) -> Result<Option<Batch>> {
+    match delivery {
+        Delivery::Done { sent } => {
+            ctx.ledger.advance(&tx, name, from, to, time, sent).await?;
+            tx.commit().await.context("checkpointing a batch")?;
+            Ok(Some(Batch::Done { handled: sent }))
+        }
+        Delivery::Failed {
+            acked,
+            sent,
+            failure,
+        } => {
+            let mut kept = from;
+            if let Some(a) = acked.filter(|a| *a > from) {
+                let time = shape.time_at(&tx, a).await?;
+                ctx.ledger.advance(&tx, name, from, a, time, sent).await?;
+                kept = a;
+            }
+            record(ctx, shape, &tx, name, run, on_failure, &failure, &mut kept).await?;
+            tx.commit().await.context("recording the failure")?;
+            Ok(Some(Batch::Failed {
+                kept,
+                handled: sent,
+                failure,
+            }))
         }
     }
 }

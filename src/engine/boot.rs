@@ -18,9 +18,9 @@ use tokio_util::sync::CancellationToken;
 
 use crate::db::quote_qualified;
 use crate::engine::Context;
+use crate::engine::batch::{self, Batch, OnFailure, Runner};
 use crate::error::Failure;
-use crate::engine::batch::{self, Batch, OnFailure};
-use crate::handlers::sql::{CompiledProjector, HandlerFailure};
+use crate::handlers::sql::HandlerFailure;
 use crate::ledger::{LedgerRow, State};
 use crate::manifest::{Mode, Projector};
 use crate::report::progress::{Progress, ProjectorProgress};
@@ -38,16 +38,21 @@ pub struct BootOptions {
     pub batch_size: i64,
     /// How long to wait, at the end, for running transactions that hold events back.
     pub writer_wait: Duration,
+    /// The run command projectors are told about (`boot` or `reset`).
+    pub run: &'static str,
 }
 
 impl Default for BootOptions {
     fn default() -> Self {
         BootOptions {
             names: Vec::new(),
-            jobs: std::thread::available_parallelism().map(|n| n.get()).unwrap_or(2),
+            jobs: std::thread::available_parallelism()
+                .map(|n| n.get())
+                .unwrap_or(2),
             lock_timeout: Some(Duration::from_secs(600)),
             batch_size: 10_000,
             writer_wait: Duration::from_secs(60),
+            run: "boot",
         }
     }
 }
@@ -125,14 +130,24 @@ pub async fn boot(ctx: &Context, opts: BootOptions, progress: &Progress) -> Resu
             return Err(Failure::Usage(format!(
                 "no projector `{name}` in {}\n  projectors: {}",
                 ctx.manifest.path.display(),
-                ctx.manifest.projectors.iter().map(|p| p.name.as_str()).collect::<Vec<_>>().join(", ")
+                ctx.manifest
+                    .projectors
+                    .iter()
+                    .map(|p| p.name.as_str())
+                    .collect::<Vec<_>>()
+                    .join(", ")
             ))
             .into());
         }
     }
 
     ctx.locks
-        .lock(&control, "boot", "boot (one at a time per database)", opts.lock_timeout)
+        .lock(
+            &control,
+            "boot",
+            "boot (one at a time per database)",
+            opts.lock_timeout,
+        )
         .await?;
 
     let rows: HashMap<String, LedgerRow> = ctx
@@ -142,7 +157,12 @@ pub async fn boot(ctx: &Context, opts: BootOptions, progress: &Progress) -> Resu
         .into_iter()
         .map(|r| (r.name.clone(), r))
         .collect();
-    let present: Vec<String> = ctx.manifest.projectors.iter().map(|p| p.name.clone()).collect();
+    let present: Vec<String> = ctx
+        .manifest
+        .projectors
+        .iter()
+        .map(|p| p.name.clone())
+        .collect();
     ctx.ledger.note_missing(&control, &present).await?;
 
     let plan = select(ctx, &opts, &rows)?;
@@ -235,7 +255,9 @@ pub async fn boot(ctx: &Context, opts: BootOptions, progress: &Progress) -> Resu
                 "database": ctx.database.target(),
                 "time": chrono::Utc::now().to_rfc3339(),
             });
-            report.alert_error = crate::engine::alert::run(command, &doc).await.err();
+            report.alert_error = crate::engine::alert::run(command, ctx.manifest.dir(), &doc)
+                .await
+                .err();
         }
     }
     Ok(report)
@@ -267,7 +289,9 @@ fn select(
                 .into());
             }
             Some(r) if p.version > r.version => Action::Rebuild,
-            Some(r) if matches!(r.state, State::Booting | State::Broken | State::Stalled) => Action::Resume,
+            Some(r) if matches!(r.state, State::Booting | State::Broken | State::Stalled) => {
+                Action::Resume
+            }
             Some(_) => continue,
         };
         plan.push((p.clone(), action, row.cloned()));
@@ -311,15 +335,29 @@ async fn boot_one(
     let mut client = ctx.connect("boot").await?;
     let lock_key = format!("projector:{}", p.name);
     ctx.locks
-        .lock(&client, &lock_key, &format!("projector `{}`", p.name), shared.opts.lock_timeout)
+        .lock(
+            &client,
+            &lock_key,
+            &format!("projector `{}`", p.name),
+            shared.opts.lock_timeout,
+        )
         .await?;
 
     if shared.abort.is_cancelled() {
         // Another projector broke before this one started.
         if row.is_none() {
-            ctx.ledger.start(&client, p, start_position(ctx, shared, &client, p).await?, None).await?;
+            ctx.ledger
+                .start(
+                    &client,
+                    p,
+                    start_position(ctx, shared, &client, p).await?,
+                    None,
+                )
+                .await?;
         }
-        ctx.ledger.set_state(&client, &p.name, State::Stalled).await?;
+        ctx.ledger
+            .set_state(&client, &p.name, State::Stalled)
+            .await?;
         outcome.state = State::Stalled;
         bar.finish("stalled");
         return Ok(TaskEnd::Stalled(outcome));
@@ -347,8 +385,7 @@ async fn boot_one(
     };
     publish(shared, &p.name, pos);
 
-    let compiled = CompiledProjector::compile(&shared.shape, p);
-    compiled.install(&client).await?;
+    let mut runner = Runner::new(ctx, &shared.shape, p, &client, shared.opts.run).await?;
     let mut holes = HoleTracker::new(ctx.ledger.schema());
     let mut held_since: Option<Instant> = None;
     let mut last_hold_note = Instant::now();
@@ -368,9 +405,21 @@ async fn boot_one(
                 if shared.abort.is_cancelled() {
                     break;
                 }
-                let end = shared.shape.batch_end(&client, pos, bound, shared.opts.batch_size).await?;
+                let end = shared
+                    .shape
+                    .batch_end(&client, pos, bound, shared.opts.batch_size)
+                    .await?;
                 let batch = batch::run(
-                    ctx, &shared.shape, &mut client, &compiled, &p.name, pos, end, "boot", OnFailure::Break, None,
+                    ctx,
+                    &shared.shape,
+                    &mut client,
+                    &mut runner,
+                    &p.name,
+                    pos,
+                    end,
+                    shared.opts.run,
+                    OnFailure::Break,
+                    None,
                 )
                 .await?
                 .expect("no lock to miss");
@@ -381,12 +430,17 @@ async fn boot_one(
                         publish(shared, &p.name, pos);
                         bar.set_position(pos.id);
                     }
-                    Batch::Failed { kept, handled, failure } => {
+                    Batch::Failed {
+                        kept,
+                        handled,
+                        failure,
+                    } => {
                         outcome.events += handled;
                         outcome.position = kept.id;
                         outcome.state = State::Broken;
                         outcome.seconds = started.elapsed().as_secs_f64();
                         publish(shared, &p.name, kept);
+                        runner.finish().await;
                         bar.finish("broken");
                         return Ok(TaskEnd::Broken(outcome, *failure));
                     }
@@ -425,8 +479,13 @@ async fn boot_one(
                 head.visible
             );
         }
-        break if p.mode == Mode::Once { State::Finished } else { State::Live };
+        break if p.mode == Mode::Once {
+            State::Finished
+        } else {
+            State::Live
+        };
     };
+    runner.finish().await;
     ctx.ledger.set_state(&client, &p.name, end_state).await?;
     ctx.locks.unlock(&client, &lock_key).await.ok();
     outcome.state = end_state;
@@ -440,24 +499,40 @@ async fn boot_one(
 }
 
 /// Where a projector starts: the beginning, or the head for `from_now`.
-async fn start_position(ctx: &Context, shared: &Shared, client: &Client, p: &Projector) -> Result<Position> {
+async fn start_position(
+    ctx: &Context,
+    shared: &Shared,
+    client: &Client,
+    p: &Projector,
+) -> Result<Position> {
     if p.mode == Mode::FromNow {
         let mut holes = HoleTracker::new(ctx.ledger.schema());
         // The head below which everything is settled: nothing before it can appear later.
-        Ok(shared.shape.safe_head(client, Position::START, &mut holes).await?.position)
+        Ok(shared
+            .shape
+            .safe_head(client, Position::START, &mut holes)
+            .await?
+            .position)
     } else {
         Ok(Position::START)
     }
 }
 
 /// Truncates the owned tables, or runs the projector's `reset` SQL.
-pub async fn reset_tables(client: &impl tokio_postgres::GenericClient, p: &Projector) -> Result<()> {
+pub async fn reset_tables(
+    client: &impl tokio_postgres::GenericClient,
+    p: &Projector,
+) -> Result<()> {
     let sql = match &p.reset {
         Some(sql) => sql.clone(),
         None if p.tables.is_empty() => return Ok(()),
         None => format!(
             "TRUNCATE {}",
-            p.tables.iter().map(|t| quote_qualified(t)).collect::<Vec<_>>().join(", ")
+            p.tables
+                .iter()
+                .map(|t| quote_qualified(t))
+                .collect::<Vec<_>>()
+                .join(", ")
         ),
     };
     client
@@ -508,7 +583,12 @@ fn describe_holders(held_by: &[(i32, f64)]) -> String {
     }
     held_by
         .iter()
-        .map(|(pid, secs)| format!("pid {pid} (running {})", humantime::format_duration(Duration::from_secs(*secs as u64))))
+        .map(|(pid, secs)| {
+            format!(
+                "pid {pid} (running {})",
+                humantime::format_duration(Duration::from_secs(*secs as u64))
+            )
+        })
         .collect::<Vec<_>>()
         .join(", ")
 }

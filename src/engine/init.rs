@@ -21,7 +21,10 @@ pub fn init(manifest: &Path) -> Result<Vec<PathBuf>> {
         ))
         .into());
     }
-    let dir = manifest.parent().filter(|p| !p.as_os_str().is_empty()).unwrap_or(Path::new("."));
+    let dir = manifest
+        .parent()
+        .filter(|p| !p.as_os_str().is_empty())
+        .unwrap_or(Path::new("."));
     let mut written = Vec::new();
     std::fs::write(manifest, STARTER_MANIFEST)
         .with_context(|| format!("writing {}", manifest.display()))?;

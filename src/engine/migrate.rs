@@ -30,7 +30,9 @@ pub async fn migrate(
     let project = load_dir(dir)?;
     let mut client = database.connect(&application_name("migrate")).await?;
     let locks = Locks::new(ledger.schema());
-    locks.lock(&client, "migrate", "migrate", lock_timeout).await?;
+    locks
+        .lock(&client, "migrate", "migrate", lock_timeout)
+        .await?;
     let result = apply(&mut client, ledger, project).await;
     locks.unlock(&client, "migrate").await.ok();
     result

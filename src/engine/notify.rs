@@ -26,5 +26,8 @@ pub fn migration(manifest: &Manifest, channel: &str, dir: &Path) -> Result<(Path
         ch = quote_literal(channel),
     );
     let version = crate::engine::migrate::next_version(dir)?;
-    Ok((dir.join(format!("V{version}__projectionist_notify.sql")), sql))
+    Ok((
+        dir.join(format!("V{version}__projectionist_notify.sql")),
+        sql,
+    ))
 }

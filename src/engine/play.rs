@@ -24,8 +24,8 @@ use tokio_postgres::Client;
 use tokio_util::sync::CancellationToken;
 
 use crate::engine::Context;
-use crate::engine::batch::{self, Batch, OnFailure};
-use crate::handlers::sql::{CompiledProjector, HandlerFailure};
+use crate::engine::batch::{self, Batch, OnFailure, Runner};
+use crate::handlers::sql::HandlerFailure;
 use crate::ledger::State;
 use crate::manifest::{OnError, Projector};
 use crate::report::metrics::Metrics;
@@ -89,7 +89,11 @@ pub async fn play(
                     c
                 }
                 Err(e) => {
-                    tracing::warn!("lost the database, retrying in {}: {}", humantime::format_duration(backoff), crate::error::render(&e));
+                    tracing::warn!(
+                        "lost the database, retrying in {}: {}",
+                        humantime::format_duration(backoff),
+                        crate::error::render(&e)
+                    );
                     metrics.set_up(false);
                     tokio::select! {
                         _ = tokio::time::sleep(backoff) => {}
@@ -102,7 +106,19 @@ pub async fn play(
         };
         metrics.set_up(true);
         workers.retain(|_, h| !h.is_finished());
-        if let Err(e) = supervise(ctx, &opts, &client, &shape, &metrics, &wake_rx, &shutdown, &mut workers, &mut warned).await {
+        if let Err(e) = supervise(
+            ctx,
+            &opts,
+            &client,
+            &shape,
+            &metrics,
+            &wake_rx,
+            &shutdown,
+            &mut workers,
+            &mut warned,
+        )
+        .await
+        {
             tracing::warn!("play: {}", crate::error::render(&e));
         }
         metrics.set_owned(workers.len());
@@ -140,10 +156,19 @@ async fn supervise(
     warned: &mut HashMap<String, String>,
 ) -> Result<()> {
     let rows = ctx.ledger.rows(client).await?;
-    let present: Vec<String> = ctx.manifest.projectors.iter().map(|p| p.name.clone()).collect();
+    let present: Vec<String> = ctx
+        .manifest
+        .projectors
+        .iter()
+        .map(|p| p.name.clone())
+        .collect();
     ctx.ledger.note_missing(client, &present).await?;
     let head = shape.visible_head(client).await?;
-    metrics.observe(&rows, head.as_ref().map(|h| h.0.id).unwrap_or(0), head.and_then(|h| h.1));
+    metrics.observe(
+        &rows,
+        head.as_ref().map(|h| h.0.id).unwrap_or(0),
+        head.and_then(|h| h.1),
+    );
 
     for p in &ctx.manifest.projectors {
         let Some(row) = rows.iter().find(|r| r.name == p.name) else {
@@ -151,9 +176,16 @@ async fn supervise(
         };
         // The ledger and this manifest disagree: a deploy happened since play started.
         let mismatch = if row.version != p.version {
-            Some(format!("version {} in the ledger, {} in the manifest: run `projectionist boot`, then restart play", row.version, p.version))
+            Some(format!(
+                "version {} in the ledger, {} in the manifest: run `projectionist boot`, then restart play",
+                row.version, p.version
+            ))
         } else if row.mode != p.mode.as_str() {
-            Some(format!("mode {} in the ledger, {} in the manifest: restart play with the manifest that booted it", row.mode, p.mode.as_str()))
+            Some(format!(
+                "mode {} in the ledger, {} in the manifest: restart play with the manifest that booted it",
+                row.mode,
+                p.mode.as_str()
+            ))
         } else {
             None
         };
@@ -167,14 +199,27 @@ async fn supervise(
         if row.state != State::Live || workers.contains_key(&p.name) {
             continue;
         }
-        if ctx.locks.holder(client, &owner_key(&p.name)).await?.is_some() {
+        if ctx
+            .locks
+            .holder(client, &owner_key(&p.name))
+            .await?
+            .is_some()
+        {
             continue; // Another runner owns it.
         }
         let worker_client = ctx.connect("play").await?;
-        if !ctx.locks.try_lock(&worker_client, &owner_key(&p.name)).await? {
+        if !ctx
+            .locks
+            .try_lock(&worker_client, &owner_key(&p.name))
+            .await?
+        {
             continue;
         }
-        tracing::info!("playing projector `{}` from position {}", p.name, row.position);
+        tracing::info!(
+            "playing projector `{}` from position {}",
+            p.name,
+            row.position
+        );
         let worker = Worker {
             ctx: ctx.clone(),
             projector: p.clone(),
@@ -189,7 +234,10 @@ async fn supervise(
             tokio::spawn(async move {
                 let name = worker.projector.name.clone();
                 if let Err(e) = worker.run(worker_client).await {
-                    tracing::warn!("projector `{name}` paused: {}; it is taken again at the next poll", crate::error::render(&e));
+                    tracing::warn!(
+                        "projector `{name}` paused: {}; it is taken again at the next poll",
+                        crate::error::render(&e)
+                    );
                 }
             }),
         );
@@ -202,11 +250,18 @@ fn owner_key(name: &str) -> String {
 }
 
 /// Listens on the notify channel, bumping `wake` on each notification; reconnects when lost.
-async fn listen(ctx: &Context, channel: &str, wake: watch::Sender<u64>) -> Result<tokio::task::JoinHandle<()>> {
+async fn listen(
+    ctx: &Context,
+    channel: &str,
+    wake: watch::Sender<u64>,
+) -> Result<tokio::task::JoinHandle<()>> {
     let ctx = ctx.clone();
     let channel = channel.to_string();
     // The first connection is made here, so a bad channel fails play at once.
-    let (client, rx) = ctx.database.connect_listening(&crate::engine::application_name("play listen")).await?;
+    let (client, rx) = ctx
+        .database
+        .connect_listening(&crate::engine::application_name("play listen"))
+        .await?;
     client
         .batch_execute(&format!("LISTEN {}", crate::db::quote_ident(&channel)))
         .await
@@ -218,9 +273,19 @@ async fn listen(ctx: &Context, channel: &str, wake: watch::Sender<u64>) -> Resul
                 Some(c) => c,
                 None => {
                     tokio::time::sleep(Duration::from_secs(1)).await;
-                    match ctx.database.connect_listening(&crate::engine::application_name("play listen")).await {
+                    match ctx
+                        .database
+                        .connect_listening(&crate::engine::application_name("play listen"))
+                        .await
+                    {
                         Ok((c, rx)) => {
-                            if c.batch_execute(&format!("LISTEN {}", crate::db::quote_ident(&channel))).await.is_err() {
+                            if c.batch_execute(&format!(
+                                "LISTEN {}",
+                                crate::db::quote_ident(&channel)
+                            ))
+                            .await
+                            .is_err()
+                            {
                                 continue;
                             }
                             // Events may have come while we were away.
@@ -252,8 +317,8 @@ struct Worker {
 impl Worker {
     async fn run(mut self, mut client: Client) -> Result<()> {
         let name = self.projector.name.clone();
-        let compiled = CompiledProjector::compile(&self.shape, &self.projector);
-        compiled.install(&client).await?;
+        let mut runner =
+            Runner::new(&self.ctx, &self.shape, &self.projector, &client, "play").await?;
         let mut holes = HoleTracker::new(self.ctx.ledger.schema());
         let lock = format!("projector:{name}");
         let mut retries = 0u32;
@@ -263,7 +328,10 @@ impl Worker {
                 break;
             };
             if row.state != State::Live {
-                tracing::info!("projector `{name}` is {} now: play leaves it", row.state.as_str());
+                tracing::info!(
+                    "projector `{name}` is {} now: play leaves it",
+                    row.state.as_str()
+                );
                 break;
             }
             let pos = row.position;
@@ -273,7 +341,10 @@ impl Worker {
                 self.idle().await;
                 continue;
             }
-            let end = self.shape.batch_end(&client, pos, bound, self.opts.batch_size).await?;
+            let end = self
+                .shape
+                .batch_end(&client, pos, bound, self.opts.batch_size)
+                .await?;
             let policy = match self.projector.on_error {
                 OnError::Stop => OnFailure::Break,
                 OnError::Skip => OnFailure::Skip,
@@ -281,7 +352,16 @@ impl Worker {
                 OnError::Retry => OnFailure::Retry,
             };
             let batch = batch::run(
-                &self.ctx, &self.shape, &mut client, &compiled, &name, pos, end, "play", policy, Some(&lock),
+                &self.ctx,
+                &self.shape,
+                &mut client,
+                &mut runner,
+                &name,
+                pos,
+                end,
+                "play",
+                policy,
+                Some(&lock),
             )
             .await?;
             match batch {
@@ -290,17 +370,25 @@ impl Worker {
                     retries = 0;
                     self.metrics.processed(&name, handled);
                 }
-                Some(Batch::Failed { handled, failure, .. }) => {
+                Some(Batch::Failed {
+                    handled, failure, ..
+                }) => {
                     self.metrics.processed(&name, handled);
                     self.metrics.failed(&name);
                     match policy {
                         OnFailure::Break => {
-                            tracing::error!("projector `{name}` broke at event {}", failure.short());
+                            tracing::error!(
+                                "projector `{name}` broke at event {}",
+                                failure.short()
+                            );
                             self.alert(&failure).await;
                             break;
                         }
                         OnFailure::Skip => {
-                            tracing::warn!("projector `{name}` skipped event {} (dead letter recorded)", failure.short());
+                            tracing::warn!(
+                                "projector `{name}` skipped event {} (dead letter recorded)",
+                                failure.short()
+                            );
                         }
                         OnFailure::Retry => {
                             retries += 1;
@@ -320,6 +408,7 @@ impl Worker {
                 }
             }
         }
+        runner.finish().await;
         let _ = self.ctx.locks.unlock(&client, &owner_key(&name)).await;
         Ok(())
     }
@@ -337,7 +426,13 @@ impl Worker {
     async fn after_bound(&self, client: &Client, head: Position) -> Result<Position> {
         let mut bound = head;
         for dep in &self.projector.after {
-            let dep_pos = self.ctx.ledger.row(client, dep).await?.map(|r| r.position).unwrap_or_default();
+            let dep_pos = self
+                .ctx
+                .ledger
+                .row(client, dep)
+                .await?
+                .map(|r| r.position)
+                .unwrap_or_default();
             bound = bound.min(dep_pos);
         }
         Ok(bound)
@@ -361,7 +456,7 @@ impl Worker {
             "database": self.ctx.database.target(),
             "time": chrono::Utc::now().to_rfc3339(),
         });
-        if let Err(e) = crate::engine::alert::run(command, &doc).await {
+        if let Err(e) = crate::engine::alert::run(command, self.ctx.manifest.dir(), &doc).await {
             tracing::warn!("{e}");
         }
     }

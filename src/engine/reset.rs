@@ -32,7 +32,10 @@ pub struct ResetOutcome {
 /// Checks names and side effects before anything is written.
 pub fn check(ctx: &Context, names: &[String], allow_side_effects: bool) -> Result<()> {
     if names.is_empty() {
-        return Err(Failure::Usage("name the projectors to reset, e.g. `projectionist reset band`".into()).into());
+        return Err(Failure::Usage(
+            "name the projectors to reset, e.g. `projectionist reset band`".into(),
+        )
+        .into());
     }
     for name in names {
         let Some(p) = ctx.manifest.projector(name) else {
@@ -54,7 +57,12 @@ pub fn check(ctx: &Context, names: &[String], allow_side_effects: bool) -> Resul
 }
 
 /// Resets each projector, then replays it unless told not to.
-pub async fn reset(ctx: &Context, names: &[String], opts: &ResetOptions, progress: &Progress) -> Result<Vec<ResetOutcome>> {
+pub async fn reset(
+    ctx: &Context,
+    names: &[String],
+    opts: &ResetOptions,
+    progress: &Progress,
+) -> Result<Vec<ResetOutcome>> {
     check(ctx, names, opts.allow_side_effects)?;
     let mut control = ctx.connect("reset").await?;
     ctx.ledger.ensure_exists(&control).await?;
@@ -67,23 +75,40 @@ pub async fn reset(ctx: &Context, names: &[String], opts: &ResetOptions, progres
         } else {
             let mut b = opts.boot.clone();
             b.names = vec![name.clone()];
+            b.run = "reset";
             Some(boot::boot(ctx, b, progress).await?)
         };
-        outcomes.push(ResetOutcome { name: name.clone(), replay });
+        outcomes.push(ResetOutcome {
+            name: name.clone(),
+            replay,
+        });
     }
     Ok(outcomes)
 }
 
-async fn reset_one(ctx: &Context, shape: &StoreShape, name: &str, opts: &ResetOptions) -> Result<()> {
+async fn reset_one(
+    ctx: &Context,
+    shape: &StoreShape,
+    name: &str,
+    opts: &ResetOptions,
+) -> Result<()> {
     let p = ctx.manifest.projector(name).expect("checked");
     let mut client = ctx.connect("reset").await?;
     let key = format!("projector:{name}");
     ctx.locks
-        .lock(&client, &key, &format!("projector `{name}`"), opts.boot.lock_timeout)
+        .lock(
+            &client,
+            &key,
+            &format!("projector `{name}`"),
+            opts.boot.lock_timeout,
+        )
         .await?;
     let start = if p.mode == Mode::FromNow {
         let mut holes = HoleTracker::new(ctx.ledger.schema());
-        shape.safe_head(&client, Position::START, &mut holes).await?.position
+        shape
+            .safe_head(&client, Position::START, &mut holes)
+            .await?
+            .position
     } else {
         Position::START
     };

@@ -38,7 +38,10 @@ pub async fn retire(
     }
     ctx.ledger.ensure_exists(client).await?;
     let Some(row) = ctx.ledger.row(client, name).await? else {
-        return Err(Failure::Usage(format!("no projector `{name}` in the ledger: nothing to retire")).into());
+        return Err(Failure::Usage(format!(
+            "no projector `{name}` in the ledger: nothing to retire"
+        ))
+        .into());
     };
     if row.state == State::Retired {
         return Err(Failure::Usage(format!("projector `{name}` is already retired")).into());
@@ -85,7 +88,10 @@ pub async fn retire(
             quote_literal(name)
         ));
     } else {
-        sql.push_str(&format!("DELETE FROM {projectors} WHERE name = {};\n", quote_literal(name)));
+        sql.push_str(&format!(
+            "DELETE FROM {projectors} WHERE name = {};\n",
+            quote_literal(name)
+        ));
     }
     let version = crate::engine::migrate::next_version(migrations)?;
     Ok(Retirement {

@@ -96,7 +96,11 @@ impl std::str::FromStr for MaxLag {
     type Err = String;
     fn from_str(s: &str) -> Result<MaxLag, String> {
         if let Ok(n) = s.parse::<i64>() {
-            return if n >= 0 { Ok(MaxLag::Events(n)) } else { Err("a lag is never negative".into()) };
+            return if n >= 0 {
+                Ok(MaxLag::Events(n))
+            } else {
+                Err("a lag is never negative".into())
+            };
         }
         humantime::parse_duration(s)
             .map(|d| MaxLag::Seconds(d.as_secs_f64()))
@@ -117,14 +121,18 @@ impl StatusReport {
                 continue;
             }
             match max_lag {
-                Some(MaxLag::Events(n)) if p.lag.unwrap_or(0) > n => {
-                    out.push(format!("{} lags {} events (max {n})", p.name, p.lag.unwrap_or(0)))
-                }
-                Some(MaxLag::Seconds(s)) if p.behind_seconds.unwrap_or(0.0) > s => out.push(format!(
-                    "{} is {:.0}s behind (max {s:.0}s)",
+                Some(MaxLag::Events(n)) if p.lag.unwrap_or(0) > n => out.push(format!(
+                    "{} lags {} events (max {n})",
                     p.name,
-                    p.behind_seconds.unwrap_or(0.0)
+                    p.lag.unwrap_or(0)
                 )),
+                Some(MaxLag::Seconds(s)) if p.behind_seconds.unwrap_or(0.0) > s => {
+                    out.push(format!(
+                        "{} is {:.0}s behind (max {s:.0}s)",
+                        p.name,
+                        p.behind_seconds.unwrap_or(0.0)
+                    ))
+                }
                 _ => {}
             }
         }
@@ -146,7 +154,12 @@ pub async fn status(ctx: &Context, client: &Client) -> Result<StatusReport> {
     let holding = holders(client, &shape).await?;
     let now = Utc::now();
 
-    let in_manifest: HashSet<&str> = ctx.manifest.projectors.iter().map(|p| p.name.as_str()).collect();
+    let in_manifest: HashSet<&str> = ctx
+        .manifest
+        .projectors
+        .iter()
+        .map(|p| p.name.as_str())
+        .collect();
     let mut projectors = Vec::new();
     for p in &ctx.manifest.projectors {
         match rows.iter().find(|r| r.name == p.name) {
@@ -187,7 +200,11 @@ pub async fn status(ctx: &Context, client: &Client) -> Result<StatusReport> {
             .map(|p| {
                 p.after
                     .iter()
-                    .filter(|d| rows.iter().any(|o| &o.name == *d && o.position.id <= pos && o.position.id < head_pos))
+                    .filter(|d| {
+                        rows.iter().any(|o| {
+                            &o.name == *d && o.position.id <= pos && o.position.id < head_pos
+                        })
+                    })
                     .cloned()
                     .collect()
             })
@@ -195,10 +212,22 @@ pub async fn status(ctx: &Context, client: &Client) -> Result<StatusReport> {
         projectors.push(ProjectorStatus {
             name: r.name.clone(),
             mode: r.mode.clone(),
-            state: if orphaned { ShownState::Orphaned } else { ShownState::Ledger(r.state) },
+            state: if orphaned {
+                ShownState::Orphaned
+            } else {
+                ShownState::Ledger(r.state)
+            },
             position: Some(pos),
-            lag: if orphaned || r.state == State::Retired { None } else { Some((head_pos - pos).max(0)) },
-            behind_seconds: if orphaned || r.state == State::Retired { None } else { behind },
+            lag: if orphaned || r.state == State::Retired {
+                None
+            } else {
+                Some((head_pos - pos).max(0))
+            },
+            behind_seconds: if orphaned || r.state == State::Retired {
+                None
+            } else {
+                behind
+            },
             updated_at: Some(r.updated_at),
             error: r.error.clone(),
             error_position: r.error_position,
@@ -212,10 +241,26 @@ pub async fn status(ctx: &Context, client: &Client) -> Result<StatusReport> {
         });
     }
     // Manifest order first, then the ledger's others by name.
-    let order: Vec<&str> = ctx.manifest.projectors.iter().map(|p| p.name.as_str()).collect();
-    projectors.sort_by_key(|p| (order.iter().position(|n| *n == p.name).unwrap_or(usize::MAX), p.name.clone()));
+    let order: Vec<&str> = ctx
+        .manifest
+        .projectors
+        .iter()
+        .map(|p| p.name.as_str())
+        .collect();
+    projectors.sort_by_key(|p| {
+        (
+            order
+                .iter()
+                .position(|n| *n == p.name)
+                .unwrap_or(usize::MAX),
+            p.name.clone(),
+        )
+    });
     Ok(StatusReport {
-        head: Head { position: head_pos, time: head_time },
+        head: Head {
+            position: head_pos,
+            time: head_time,
+        },
         holding,
         projectors,
         time: now,
@@ -229,6 +274,7 @@ async fn holders(client: &Client, shape: &StoreShape) -> Result<Vec<Holder>> {
     let sql = if shape.transaction.is_some() {
         "SELECT pid, extract(epoch FROM clock_timestamp() - xact_start)::float8, application_name, state \
          FROM pg_stat_activity WHERE backend_xid IS NOT NULL AND pid <> pg_backend_pid() \
+           AND datname = current_database() \
            AND xact_start < clock_timestamp() - interval '1 second' \
          ORDER BY xact_start LIMIT 3"
             .to_string()
@@ -236,6 +282,7 @@ async fn holders(client: &Client, shape: &StoreShape) -> Result<Vec<Holder>> {
         "SELECT a.pid, extract(epoch FROM clock_timestamp() - a.xact_start)::float8, a.application_name, a.state \
          FROM pg_locks l JOIN pg_stat_activity a ON a.pid = l.pid \
          WHERE l.locktype = 'relation' AND l.relation = $1::text::regclass AND l.mode = 'RowExclusiveLock' \
+           AND l.database = (SELECT oid FROM pg_database WHERE datname = current_database()) \
            AND a.pid <> pg_backend_pid() AND a.xact_start < clock_timestamp() - interval '1 second' \
          ORDER BY a.xact_start LIMIT 3"
             .to_string()

@@ -24,9 +24,24 @@ pub async fn validate(manifest: &Manifest, client: &mut Client) -> Result<StoreS
     };
     let tx = client.transaction().await?;
     for p in &manifest.projectors {
+        if let Some(argv) = &p.command
+            && !command_exists(&argv[0], manifest.dir())
+        {
+            problems.push(
+                Problem::new(
+                    p.span.clone(),
+                    format!("the command of projector `{}` cannot be found: `{}`", p.name, argv[0]),
+                    "command not found",
+                )
+                .help("commands run in the manifest's directory without a shell: give a program on PATH or a path to an executable"),
+            );
+        }
         for table in &p.tables {
             let exists: bool = tx
-                .query_one("SELECT to_regclass($1) IS NOT NULL", &[&quote_qualified(table)])
+                .query_one(
+                    "SELECT to_regclass($1) IS NOT NULL",
+                    &[&quote_qualified(table)],
+                )
                 .await?
                 .get(0);
             if !exists {
@@ -44,12 +59,19 @@ pub async fn validate(manifest: &Manifest, client: &mut Client) -> Result<StoreS
             for statement in &h.statements {
                 tx.batch_execute("SAVEPOINT projectionist_validate").await?;
                 match sql::prepare(tx.client(), statement).await {
-                    Ok(()) => tx.batch_execute("RELEASE SAVEPOINT projectionist_validate").await?,
+                    Ok(()) => {
+                        tx.batch_execute("RELEASE SAVEPOINT projectionist_validate")
+                            .await?
+                    }
                     Err(e) => {
-                        tx.batch_execute("ROLLBACK TO SAVEPOINT projectionist_validate").await?;
+                        tx.batch_execute("ROLLBACK TO SAVEPOINT projectionist_validate")
+                            .await?;
                         problems.push(db_problem(
                             h.span.clone(),
-                            format!("the handler of projector `{}` for {} does not prepare", p.name, h.event_type),
+                            format!(
+                                "the handler of projector `{}` for {} does not prepare",
+                                p.name, h.event_type
+                            ),
                             &e,
                         ));
                     }
@@ -60,9 +82,13 @@ pub async fn validate(manifest: &Manifest, client: &mut Client) -> Result<StoreS
             for (which, query) in [("projection", &c.projection), ("events", &c.events)] {
                 tx.batch_execute("SAVEPOINT projectionist_validate").await?;
                 match tx.prepare(query).await {
-                    Ok(_) => tx.batch_execute("RELEASE SAVEPOINT projectionist_validate").await?,
+                    Ok(_) => {
+                        tx.batch_execute("RELEASE SAVEPOINT projectionist_validate")
+                            .await?
+                    }
                     Err(e) => {
-                        tx.batch_execute("ROLLBACK TO SAVEPOINT projectionist_validate").await?;
+                        tx.batch_execute("ROLLBACK TO SAVEPOINT projectionist_validate")
+                            .await?;
                         problems.push(db_problem(
                             c.span.clone(),
                             format!("the `{which}` query of check \"{}\" of projector `{}` does not prepare", c.name, p.name),
@@ -77,15 +103,25 @@ pub async fn validate(manifest: &Manifest, client: &mut Client) -> Result<StoreS
         {
             tx.batch_execute("SAVEPOINT projectionist_validate").await?;
             match CompiledProjector::compile(shape, p).install(&tx).await {
-                Ok(()) => tx.batch_execute("RELEASE SAVEPOINT projectionist_validate").await?,
+                Ok(()) => {
+                    tx.batch_execute("RELEASE SAVEPOINT projectionist_validate")
+                        .await?
+                }
                 Err(e) => {
-                    tx.batch_execute("ROLLBACK TO SAVEPOINT projectionist_validate").await?;
+                    tx.batch_execute("ROLLBACK TO SAVEPOINT projectionist_validate")
+                        .await?;
                     let text = crate::error::render(&e);
-                    problems.push(Problem::new(
-                        p.span.clone(),
-                        format!("the handlers of projector `{}` do not compile as PL/pgSQL", p.name),
-                        text.lines().nth(1).unwrap_or("").trim().to_string(),
-                    ).help(text));
+                    problems.push(
+                        Problem::new(
+                            p.span.clone(),
+                            format!(
+                                "the handlers of projector `{}` do not compile as PL/pgSQL",
+                                p.name
+                            ),
+                            text.lines().nth(1).unwrap_or("").trim().to_string(),
+                        )
+                        .help(text),
+                    );
                 }
             }
         }
@@ -109,8 +145,22 @@ fn db_problem(span: crate::manifest::Span, message: String, e: &tokio_postgres::
                 help.push(format!("hint: {h}"));
             }
             let p = Problem::new(span, message, db.message().to_string());
-            if help.is_empty() { p } else { p.help(help.join("\n")) }
+            if help.is_empty() {
+                p
+            } else {
+                p.help(help.join("\n"))
+            }
         }
         None => Problem::new(span, message, e.to_string()),
     }
+}
+
+/// A program on PATH, or a path (relative to the manifest's directory) to a file.
+fn command_exists(program: &str, dir: &std::path::Path) -> bool {
+    if program.contains('/') {
+        return dir.join(program).is_file();
+    }
+    std::env::var_os("PATH")
+        .map(|paths| std::env::split_paths(&paths).any(|p| p.join(program).is_file()))
+        .unwrap_or(false)
 }

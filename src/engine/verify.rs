@@ -18,10 +18,18 @@ pub struct CheckResult {
     pub events: Vec<String>,
 }
 
-pub async fn verify(ctx: &Context, client: &mut Client, names: &[String]) -> Result<Vec<CheckResult>> {
+pub async fn verify(
+    ctx: &Context,
+    client: &mut Client,
+    names: &[String],
+) -> Result<Vec<CheckResult>> {
     for n in names {
         if ctx.manifest.projector(n).is_none() {
-            return Err(Failure::Usage(format!("no projector `{n}` in {}", ctx.manifest.path.display())).into());
+            return Err(Failure::Usage(format!(
+                "no projector `{n}` in {}",
+                ctx.manifest.path.display()
+            ))
+            .into());
         }
     }
     let tx = client
@@ -43,16 +51,18 @@ pub async fn verify(ctx: &Context, client: &mut Client, names: &[String]) -> Res
                         .query(&format!("SELECT q::text FROM ({q}) q ORDER BY 1"), &[])
                         .await?;
                     Ok::<Vec<String>, tokio_postgres::Error>(
-                        rows.iter().map(|r| r.get::<_, Option<String>>(0).unwrap_or_default()).collect(),
+                        rows.iter()
+                            .map(|r| r.get::<_, Option<String>>(0).unwrap_or_default())
+                            .collect(),
                     )
                 }
             };
-            let projection = run(c.projection.clone())
-                .await
-                .with_context(|| format!("check \"{}\" of `{}`: the projection query", c.name, p.name))?;
-            let events = run(c.events.clone())
-                .await
-                .with_context(|| format!("check \"{}\" of `{}`: the events query", c.name, p.name))?;
+            let projection = run(c.projection.clone()).await.with_context(|| {
+                format!("check \"{}\" of `{}`: the projection query", c.name, p.name)
+            })?;
+            let events = run(c.events.clone()).await.with_context(|| {
+                format!("check \"{}\" of `{}`: the events query", c.name, p.name)
+            })?;
             results.push(CheckResult {
                 projector: p.name.clone(),
                 check: c.name.clone(),

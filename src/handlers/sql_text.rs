@@ -396,30 +396,38 @@ mod tests {
             one("INSERT INTO band (id, name, created) VALUES (:stream::uuid, :data.name, :time)"),
             "INSERT INTO band (id, name, created) VALUES ($3::uuid, ($5 #>> '{name}'), $4)"
         );
-        assert_eq!(one("SELECT :data.a.b_c::float8, :data, :position, :type, :metadata.m"),
-            "SELECT ($5 #>> '{a,b_c}')::float8, $5, $1, $2, ($6 #>> '{m}')");
+        assert_eq!(
+            one("SELECT :data.a.b_c::float8, :data, :position, :type, :metadata.m"),
+            "SELECT ($5 #>> '{a,b_c}')::float8, $5, $1, $2, ($6 #>> '{m}')"
+        );
     }
 
     #[test]
     fn casts_stay_casts() {
-        assert_eq!(one("SELECT 1::int, now()::date"), "SELECT 1::int, now()::date");
+        assert_eq!(
+            one("SELECT 1::int, now()::date"),
+            "SELECT 1::int, now()::date"
+        );
     }
 
     #[test]
     fn strings_identifiers_comments_and_dollar_quotes_are_untouched() {
         let sql = "SELECT ':data', \":data\", $$ :data ; $$, $t$ :type $t$, E'\\' :x' -- :nope ;\n /* :c /* :d */ ; */ , :position";
-        assert_eq!(
-            one(sql),
-            sql.replace(", :position", ", $1")
-        );
+        assert_eq!(one(sql), sql.replace(", :position", ", $1"));
     }
 
     #[test]
     fn statements_split_on_top_level_semicolons() {
-        let s = parse("DELETE FROM a WHERE id = :stream::uuid; ; -- c\nINSERT INTO b VALUES (';');\n  ").unwrap();
+        let s = parse(
+            "DELETE FROM a WHERE id = :stream::uuid; ; -- c\nINSERT INTO b VALUES (';');\n  ",
+        )
+        .unwrap();
         assert_eq!(s.len(), 2);
         assert_eq!(s[0].render(&Params), "DELETE FROM a WHERE id = $3::uuid");
-        assert_eq!(s[1].render(&Params).trim(), "-- c\nINSERT INTO b VALUES (';')");
+        assert_eq!(
+            s[1].render(&Params).trim(),
+            "-- c\nINSERT INTO b VALUES (';')"
+        );
         assert_eq!(s[1].keyword(), "insert");
     }
 
@@ -435,7 +443,10 @@ mod tests {
 
     #[test]
     fn assignment_and_slices_are_not_placeholders() {
-        assert_eq!(one("SELECT f(a := 1), arr[1:2]"), "SELECT f(a := 1), arr[1:2]");
+        assert_eq!(
+            one("SELECT f(a := 1), arr[1:2]"),
+            "SELECT f(a := 1), arr[1:2]"
+        );
     }
 
     #[test]
@@ -443,6 +454,9 @@ mod tests {
         // The payload is never part of the SQL: the rendered text does not depend on it.
         let rendered = one("INSERT INTO band (name) VALUES (:data.name)");
         assert!(!rendered.contains("DROP"));
-        assert_eq!(rendered, "INSERT INTO band (name) VALUES (($5 #>> '{name}'))");
+        assert_eq!(
+            rendered,
+            "INSERT INTO band (name) VALUES (($5 #>> '{name}'))"
+        );
     }
 }

@@ -174,7 +174,11 @@ impl Ledger {
 
     /// Records when projectors first went missing from the manifest, and
     /// forgets it for those that came back.
-    pub async fn note_missing(&self, client: &impl GenericClient, present: &[String]) -> Result<()> {
+    pub async fn note_missing(
+        &self,
+        client: &impl GenericClient,
+        present: &[String],
+    ) -> Result<()> {
         client
             .execute(
                 &format!(
@@ -228,7 +232,12 @@ impl Ledger {
         Ok(())
     }
 
-    pub async fn set_state(&self, client: &impl GenericClient, name: &str, state: State) -> Result<()> {
+    pub async fn set_state(
+        &self,
+        client: &impl GenericClient,
+        name: &str,
+        state: State,
+    ) -> Result<()> {
         let clear = if matches!(state, State::Live | State::Finished | State::Booting) {
             ", error = NULL, error_detail = NULL, error_hint = NULL, error_position = NULL, error_type = NULL, error_stream = NULL, error_at = NULL"
         } else {
@@ -325,7 +334,11 @@ impl Ledger {
     }
 
     /// Resumes an existing row: booting again, with the manifest's current facts.
-    pub async fn resume(&self, client: &impl GenericClient, p: &crate::manifest::Projector) -> Result<()> {
+    pub async fn resume(
+        &self,
+        client: &impl GenericClient,
+        p: &crate::manifest::Projector,
+    ) -> Result<()> {
         client
             .execute(
                 &format!(

@@ -102,4 +102,3 @@ impl std::fmt::Display for ManifestError {
         )
     }
 }
-

@@ -139,6 +139,14 @@ impl Manifest {
         parse::parse(path, source)
     }
 
+    /// The manifest's directory: commands (projectors, alert) run there.
+    pub fn dir(&self) -> &Path {
+        match self.path.parent() {
+            Some(p) if !p.as_os_str().is_empty() => p,
+            _ => Path::new("."),
+        }
+    }
+
     pub fn projector(&self, name: &str) -> Option<&Projector> {
         self.projectors.iter().find(|p| p.name == name)
     }

@@ -426,8 +426,12 @@ impl<'s> Walker<'s> {
                             "retry" => p.on_error = OnError::Retry,
                             "skip" => p.on_error = OnError::Skip,
                             other => self.problems.push(
-                                Problem::new(v.span(), format!("unknown on_error `{other}`"), "unknown policy")
-                                    .help("on_error is one of: stop, retry, skip"),
+                                Problem::new(
+                                    v.span(),
+                                    format!("unknown on_error `{other}`"),
+                                    "unknown policy",
+                                )
+                                .help("on_error is one of: stop, retry, skip"),
                             ),
                         }
                     }
@@ -466,10 +470,16 @@ impl<'s> Walker<'s> {
             _ => {}
         }
         if has_on && p.events.is_some() {
-            let span = get(t, "events").map(|(k, _)| k.span()).unwrap_or(key.span());
+            let span = get(t, "events")
+                .map(|(k, _)| k.span())
+                .unwrap_or(key.span());
             self.problems.push(
-                Problem::new(span, "`events` is for command projectors", "not used with `on`")
-                    .help("an SQL projector receives the event types of its `on` handlers"),
+                Problem::new(
+                    span,
+                    "`events` is for command projectors",
+                    "not used with `on`",
+                )
+                .help("an SQL projector receives the event types of its `on` handlers"),
             );
         }
         for (dep, span) in p.after.iter().zip(after_spans) {
@@ -733,7 +743,8 @@ mod tests {
         parse(Path::new("projectors.toml"), s.to_string())
     }
 
-    const STORE: &str = "[store]\ntable = \"events\"\nposition = \"id\"\ntype = \"name\"\ndata = \"data\"\n";
+    const STORE: &str =
+        "[store]\ntable = \"events\"\nposition = \"id\"\ntype = \"name\"\ndata = \"data\"\n";
 
     #[test]
     fn a_valid_manifest() {
@@ -774,7 +785,10 @@ mod tests {
     #[test]
     fn neither_on_nor_command_and_empty_file() {
         let err = parse_str(&format!("{STORE}[projectors.p]\nmode = \"once\"\n")).unwrap_err();
-        assert!(err.to_string().contains("neither `on` handlers nor a `command`"));
+        assert!(
+            err.to_string()
+                .contains("neither `on` handlers nor a `command`")
+        );
         let err = parse_str("").unwrap_err();
         assert_eq!(err.problems.len(), 2);
     }

@@ -10,11 +10,21 @@ use crate::ledger::State;
 pub fn table(report: &BootReport) -> String {
     let mut t = Table::new();
     t.load_style(NOTHING);
-    t.set_header(vec!["PROJECTOR", "ACTION", "STATE", "POSITION", "EVENTS", "TIME"]);
+    t.set_header(vec![
+        "PROJECTOR",
+        "ACTION",
+        "STATE",
+        "POSITION",
+        "EVENTS",
+        "TIME",
+    ]);
     for p in &report.projectors {
         t.add_row(vec![
             p.name.clone(),
-            serde_json::to_value(p.action).ok().and_then(|v| v.as_str().map(String::from)).unwrap_or_default(),
+            serde_json::to_value(p.action)
+                .ok()
+                .and_then(|v| v.as_str().map(String::from))
+                .unwrap_or_default(),
             p.state.as_str().to_string(),
             p.position.to_string(),
             p.events.to_string(),
@@ -33,7 +43,10 @@ pub fn failure(report: &BootReport) -> Option<String> {
         b.projector,
         f.position,
         f.event_type,
-        f.stream.as_ref().map(|s| format!(", stream {s}")).unwrap_or_default(),
+        f.stream
+            .as_ref()
+            .map(|s| format!(", stream {s}"))
+            .unwrap_or_default(),
         f.message
     );
     if let Some(d) = &f.detail {
@@ -45,7 +58,9 @@ pub fn failure(report: &BootReport) -> Option<String> {
     if let Some(c) = &f.context {
         s.push_str(&format!("\n  where: {}", c.replace('\n', "\n    ")));
     }
-    s.push_str(&format!("\n  sqlstate: {}", f.sqlstate));
+    if !f.sqlstate.is_empty() {
+        s.push_str(&format!("\n  sqlstate: {}", f.sqlstate));
+    }
     let stalled: Vec<String> = report
         .projectors
         .iter()
@@ -58,9 +73,19 @@ pub fn failure(report: &BootReport) -> Option<String> {
     if let Some(a) = &report.alert_error {
         s.push_str(&format!("\nwarning: {a}"));
     }
+    let what = if f.sqlstate.is_empty() {
+        format!(
+            "the command of `{}` (or the event it trips on)",
+            b.projector
+        )
+    } else {
+        format!(
+            "the handler of `{}` for {} in the manifest (or the data it trips on)",
+            b.projector, f.event_type
+        )
+    };
     s.push_str(&format!(
-        "\n\nnext: fix the handler of `{}` for {} in the manifest (or the data it trips on), then run `projectionist boot` again:\n      broken and stalled projectors resume from their positions.",
-        b.projector, f.event_type
+        "\n\nnext: fix {what}, then run `projectionist boot` again:\n      broken and stalled projectors resume from their positions."
     ));
     Some(s)
 }
@@ -73,6 +98,9 @@ pub fn github_annotation(report: &BootReport) -> Option<String> {
         b.projector, b.failure.position, b.failure.event_type, b.failure.message
     );
     // Workflow commands escape %, CR and LF.
-    let text = text.replace('%', "%25").replace('\r', "%0D").replace('\n', "%0A");
+    let text = text
+        .replace('%', "%25")
+        .replace('\r', "%0D")
+        .replace('\n', "%0A");
     Some(format!("::error title=projectionist boot::{text}"))
 }

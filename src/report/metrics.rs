@@ -28,7 +28,9 @@ struct StateLabel {
     state: String,
 }
 
-const STATES: [&str; 6] = ["booting", "live", "finished", "broken", "stalled", "retired"];
+const STATES: [&str; 6] = [
+    "booting", "live", "finished", "broken", "stalled", "retired",
+];
 
 pub struct Metrics {
     registry: Registry,
@@ -62,27 +64,59 @@ impl Metrics {
             up: Gauge::default(),
             owned: Gauge::default(),
         };
-        registry.register("position", "Last event position whose effect is committed", m.position.clone());
-        registry.register("lag_events", "Events (positions) between the head and the projector", m.lag_events.clone());
+        registry.register(
+            "position",
+            "Last event position whose effect is committed",
+            m.position.clone(),
+        );
+        registry.register(
+            "lag_events",
+            "Events (positions) between the head and the projector",
+            m.lag_events.clone(),
+        );
         registry.register(
             "lag_seconds",
             "Time between the head's newest event and the projector's last processed one",
             m.lag_seconds.clone(),
         );
-        registry.register("events_processed", "Events handled by this runner", m.processed.clone());
-        registry.register("failures", "Handler failures seen by this runner", m.failures.clone());
-        registry.register("state", "1 for the projector's current state", m.state.clone());
-        registry.register("up", "1 when this runner reaches the database", m.up.clone());
-        registry.register("owned_projectors", "Projectors this runner plays", m.owned.clone());
+        registry.register(
+            "events_processed",
+            "Events handled by this runner",
+            m.processed.clone(),
+        );
+        registry.register(
+            "failures",
+            "Handler failures seen by this runner",
+            m.failures.clone(),
+        );
+        registry.register(
+            "state",
+            "1 for the projector's current state",
+            m.state.clone(),
+        );
+        registry.register(
+            "up",
+            "1 when this runner reaches the database",
+            m.up.clone(),
+        );
+        registry.register(
+            "owned_projectors",
+            "Projectors this runner plays",
+            m.owned.clone(),
+        );
         Metrics { registry, ..m }
     }
 
     /// Updates the per-projector gauges from the ledger and the head.
     pub fn observe(&self, rows: &[LedgerRow], head: i64, head_time: Option<DateTime<Utc>>) {
         for r in rows {
-            let l = ProjectorLabel { projector: r.name.clone() };
+            let l = ProjectorLabel {
+                projector: r.name.clone(),
+            };
             self.position.get_or_create(&l).set(r.position.id);
-            self.lag_events.get_or_create(&l).set((head - r.position.id).max(0));
+            self.lag_events
+                .get_or_create(&l)
+                .set((head - r.position.id).max(0));
             let behind = match (head_time, r.event_time) {
                 _ if r.position.id >= head => 0.0,
                 (Some(h), Some(e)) => ((h - e).num_milliseconds() as f64 / 1000.0).max(0.0),
@@ -91,7 +125,10 @@ impl Metrics {
             self.lag_seconds.get_or_create(&l).set(behind);
             for s in STATES {
                 self.state
-                    .get_or_create(&StateLabel { projector: r.name.clone(), state: s.into() })
+                    .get_or_create(&StateLabel {
+                        projector: r.name.clone(),
+                        state: s.into(),
+                    })
                     .set(i64::from(r.state.as_str() == s));
             }
         }
@@ -99,12 +136,18 @@ impl Metrics {
 
     pub fn processed(&self, name: &str, n: i64) {
         self.processed
-            .get_or_create(&ProjectorLabel { projector: name.into() })
+            .get_or_create(&ProjectorLabel {
+                projector: name.into(),
+            })
             .inc_by(n.max(0) as u64);
     }
 
     pub fn failed(&self, name: &str) {
-        self.failures.get_or_create(&ProjectorLabel { projector: name.into() }).inc();
+        self.failures
+            .get_or_create(&ProjectorLabel {
+                projector: name.into(),
+            })
+            .inc();
     }
 
     pub fn set_up(&self, up: bool) {
@@ -118,20 +161,28 @@ impl Metrics {
     /// The text exposition format.
     pub fn encode(&self) -> String {
         let mut out = String::new();
-        prometheus_client::encoding::text::encode(&mut out, &self.registry).expect("encoding to a String");
+        prometheus_client::encoding::text::encode(&mut out, &self.registry)
+            .expect("encoding to a String");
         out
     }
 }
 
 /// Serves `GET /metrics` on `addr` until `shutdown`.
-pub async fn serve(addr: SocketAddr, metrics: Arc<Metrics>, shutdown: CancellationToken) -> Result<()> {
+pub async fn serve(
+    addr: SocketAddr,
+    metrics: Arc<Metrics>,
+    shutdown: CancellationToken,
+) -> Result<()> {
     let app = axum::Router::new().route(
         "/metrics",
         axum::routing::get(move || {
             let metrics = metrics.clone();
             async move {
                 (
-                    [(axum::http::header::CONTENT_TYPE, "application/openmetrics-text; version=1.0.0; charset=utf-8")],
+                    [(
+                        axum::http::header::CONTENT_TYPE,
+                        "application/openmetrics-text; version=1.0.0; charset=utf-8",
+                    )],
                     metrics.encode(),
                 )
             }

@@ -151,7 +151,11 @@ impl ProjectorProgress {
             None => {
                 let total = (l.target - start).max(1);
                 let left = (l.target - l.position).max(0);
-                let eta = if rate > 0.0 { format!("{:.0}s", left as f64 / rate) } else { "?".into() };
+                let eta = if rate > 0.0 {
+                    format!("{:.0}s", left as f64 / rate)
+                } else {
+                    "?".into()
+                };
                 format!(
                     "{} {}: {:.0}% at position {} of {}, {:.0} positions/s, ETA {eta}",
                     self.command,

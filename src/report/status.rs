@@ -22,7 +22,10 @@ pub fn duration(secs: f64) -> String {
 }
 
 fn ago(then: DateTime<Utc>, now: DateTime<Utc>) -> String {
-    format!("{} ago", duration((now - then).num_milliseconds() as f64 / 1000.0))
+    format!(
+        "{} ago",
+        duration((now - then).num_milliseconds() as f64 / 1000.0)
+    )
 }
 
 fn new_table() -> Table {
@@ -59,7 +62,11 @@ fn error_text(p: &ProjectorStatus, now: DateTime<Utc>, verbose: bool) -> String 
         _ => first.to_string(),
     };
     if verbose || text.chars().count() <= 60 {
-        if verbose { format!("{}{}", text, &e[first.len()..]) } else { text }
+        if verbose {
+            format!("{}{}", text, &e[first.len()..])
+        } else {
+            text
+        }
     } else {
         format!("{}…", text.chars().take(59).collect::<String>())
     }
@@ -68,23 +75,42 @@ fn error_text(p: &ProjectorStatus, now: DateTime<Utc>, verbose: bool) -> String 
 /// The status table and its footer.
 pub fn table(report: &StatusReport, verbose: bool) -> String {
     let mut t = new_table();
-    t.set_header(vec!["PROJECTOR", "MODE", "STATE", "POSITION", "LAG", "BEHIND", "UPDATED", "ERROR"]);
+    t.set_header(vec![
+        "PROJECTOR",
+        "MODE",
+        "STATE",
+        "POSITION",
+        "LAG",
+        "BEHIND",
+        "UPDATED",
+        "ERROR",
+    ]);
     let now = report.time;
     for p in &report.projectors {
         let state = Cell::new(p.state.as_str()).fg(match p.state {
             ShownState::Ledger(State::Live | State::Finished) => Color::Green,
             ShownState::Ledger(State::Broken) => Color::Red,
-            ShownState::Ledger(State::Stalled | State::Booting) | ShownState::Orphaned => Color::Yellow,
+            ShownState::Ledger(State::Stalled | State::Booting) | ShownState::Orphaned => {
+                Color::Yellow
+            }
             _ => Color::Reset,
         });
         t.add_row(vec![
             Cell::new(&p.name),
             Cell::new(&p.mode),
             state,
-            Cell::new(p.position.map(|x| x.to_string()).unwrap_or_else(|| "-".into())),
+            Cell::new(
+                p.position
+                    .map(|x| x.to_string())
+                    .unwrap_or_else(|| "-".into()),
+            ),
             Cell::new(p.lag.map(|x| x.to_string()).unwrap_or_else(|| "-".into())),
             Cell::new(p.behind_seconds.map(duration).unwrap_or_else(|| "-".into())),
-            Cell::new(p.updated_at.map(|u| ago(u, now)).unwrap_or_else(|| "-".into())),
+            Cell::new(
+                p.updated_at
+                    .map(|u| ago(u, now))
+                    .unwrap_or_else(|| "-".into()),
+            ),
             Cell::new(error_text(p, now, verbose)),
         ]);
     }
@@ -95,16 +121,28 @@ pub fn table(report: &StatusReport, verbose: bool) -> String {
         report
             .head
             .time
-            .map(|h| format!(" at {} ({})", h.format("%Y-%m-%d %H:%M:%S UTC"), ago(h, now)))
+            .map(|h| format!(
+                " at {} ({})",
+                h.format("%Y-%m-%d %H:%M:%S UTC"),
+                ago(h, now)
+            ))
             .unwrap_or_default()
     ));
     for h in &report.holding {
         out.push_str(&format!(
             "\nheld back by: pid {} ({}), transaction running for {}{}",
             h.pid,
-            if h.application.is_empty() { "no application name" } else { &h.application },
+            if h.application.is_empty() {
+                "no application name"
+            } else {
+                &h.application
+            },
             duration(h.seconds),
-            if h.state.is_empty() { String::new() } else { format!(", {}", h.state) }
+            if h.state.is_empty() {
+                String::new()
+            } else {
+                format!(", {}", h.state)
+            }
         ));
     }
     out
@@ -118,17 +156,60 @@ pub fn detail(p: &ProjectorStatus, d: &Detail, report: &StatusReport) -> String 
     line("projector", p.name.clone());
     line("mode", p.mode.clone());
     line("state", p.state.as_str().to_string());
-    line("position", p.position.map(|x| x.to_string()).unwrap_or_else(|| "-".into()));
+    line(
+        "position",
+        p.position
+            .map(|x| x.to_string())
+            .unwrap_or_else(|| "-".into()),
+    );
     line("head", report.head.position.to_string());
-    line("lag", p.lag.map(|x| format!("{x} events")).unwrap_or_else(|| "-".into()));
-    line("behind", p.behind_seconds.map(duration).unwrap_or_else(|| "-".into()));
-    line("updated", p.updated_at.map(|u| ago(u, now)).unwrap_or_else(|| "-".into()));
-    line("version", p.version.map(|v| v.to_string()).unwrap_or_else(|| "-".into()));
-    line("side effects", if p.side_effects { "yes".into() } else { "no".into() });
-    line("tables", if p.tables.is_empty() { "-".into() } else { p.tables.join(", ") });
-    line("processed", format!("{} events since its last (re)start", p.events_processed));
+    line(
+        "lag",
+        p.lag
+            .map(|x| format!("{x} events"))
+            .unwrap_or_else(|| "-".into()),
+    );
+    line(
+        "behind",
+        p.behind_seconds.map(duration).unwrap_or_else(|| "-".into()),
+    );
+    line(
+        "updated",
+        p.updated_at
+            .map(|u| ago(u, now))
+            .unwrap_or_else(|| "-".into()),
+    );
+    line(
+        "version",
+        p.version
+            .map(|v| v.to_string())
+            .unwrap_or_else(|| "-".into()),
+    );
+    line(
+        "side effects",
+        if p.side_effects {
+            "yes".into()
+        } else {
+            "no".into()
+        },
+    );
+    line(
+        "tables",
+        if p.tables.is_empty() {
+            "-".into()
+        } else {
+            p.tables.join(", ")
+        },
+    );
+    line(
+        "processed",
+        format!("{} events since its last (re)start", p.events_processed),
+    );
     if let Some(m) = p.missing_since {
-        line("missing since", format!("{} ({})", m.format("%Y-%m-%d %H:%M:%S UTC"), ago(m, now)));
+        line(
+            "missing since",
+            format!("{} ({})", m.format("%Y-%m-%d %H:%M:%S UTC"), ago(m, now)),
+        );
     }
     if !p.waiting_for.is_empty() {
         line("waits for", p.waiting_for.join(", "));
@@ -154,7 +235,11 @@ pub fn detail(p: &ProjectorStatus, d: &Detail, report: &StatusReport) -> String 
             t.add_row(vec![
                 f.position.to_string(),
                 f.event_type.clone().unwrap_or_default(),
-                if f.dead_letter { format!("{} (skipped)", f.run) } else { f.run.clone() },
+                if f.dead_letter {
+                    format!("{} (skipped)", f.run)
+                } else {
+                    f.run.clone()
+                },
                 ago(f.at, now),
                 f.error.clone(),
             ]);

@@ -25,7 +25,8 @@ fn admin_url() -> String {
 
 /// `admin_url` with another database name.
 pub fn url_for(dbname: &str) -> String {
-    let mut url = url::Url::parse(&admin_url()).expect("DATABASE_URL must be a postgres:// URL in tests");
+    let mut url =
+        url::Url::parse(&admin_url()).expect("DATABASE_URL must be a postgres:// URL in tests");
     url.set_path(&format!("/{dbname}"));
     url.to_string()
 }
@@ -58,7 +59,10 @@ fn template_name() -> String {
 async fn ensure_template(admin: &Client) -> String {
     let name = template_name();
     // Tests run as separate processes (nextest): an advisory lock makes one of them build it.
-    admin.execute("SELECT pg_advisory_lock(7327001)", &[]).await.unwrap();
+    admin
+        .execute("SELECT pg_advisory_lock(7327001)", &[])
+        .await
+        .unwrap();
     let exists = admin
         .query_opt("SELECT 1 FROM pg_database WHERE datname = $1", &[&name])
         .await
@@ -70,14 +74,21 @@ async fn ensure_template(admin: &Client) -> String {
             .batch_execute(&format!("DROP DATABASE IF EXISTS {building}"))
             .await
             .unwrap();
-        admin.batch_execute(&format!("CREATE DATABASE {building}")).await.unwrap();
+        admin
+            .batch_execute(&format!("CREATE DATABASE {building}"))
+            .await
+            .unwrap();
         let out = Command::new(BIN)
             .current_dir(root())
             .args(["migrate", "--manifest", "/nonexistent/projectors.toml"])
             .env("DATABASE_URL", url_for(&building))
             .output()
             .unwrap();
-        assert!(out.status.success(), "migrate of the template failed: {}", String::from_utf8_lossy(&out.stderr));
+        assert!(
+            out.status.success(),
+            "migrate of the template failed: {}",
+            String::from_utf8_lossy(&out.stderr)
+        );
         admin
             .batch_execute(&format!("ALTER DATABASE {building} RENAME TO {name}"))
             .await
@@ -87,7 +98,10 @@ async fn ensure_template(admin: &Client) -> String {
             .await
             .unwrap();
     }
-    admin.execute("SELECT pg_advisory_unlock(7327001)", &[]).await.unwrap();
+    admin
+        .execute("SELECT pg_advisory_unlock(7327001)", &[])
+        .await
+        .unwrap();
     name
 }
 
@@ -120,13 +134,20 @@ impl TestDb {
             dir: tempfile::tempdir().unwrap(),
         };
         std::fs::copy(root().join("projectors.toml"), db.manifest_path()).unwrap();
+        // The example's command projectors run in the manifest's directory.
+        std::os::unix::fs::symlink(root().join("examples"), db.dir.path().join("examples"))
+            .unwrap();
         db
     }
 
     /// An empty database (no ledger, no tables).
     pub async fn empty() -> TestDb {
         let admin = connect(&admin_url()).await;
-        let name = format!("pjtest_{}_{}", std::process::id(), COUNTER.fetch_add(1, Ordering::SeqCst));
+        let name = format!(
+            "pjtest_{}_{}",
+            std::process::id(),
+            COUNTER.fetch_add(1, Ordering::SeqCst)
+        );
         admin
             .batch_execute(&format!("CREATE DATABASE {name}"))
             .await
@@ -164,7 +185,11 @@ impl TestDb {
             .env("DATABASE_URL", &self.url)
             .output()
             .unwrap();
-        assert!(out.status.success(), "gen-events: {}", String::from_utf8_lossy(&out.stderr));
+        assert!(
+            out.status.success(),
+            "gen-events: {}",
+            String::from_utf8_lossy(&out.stderr)
+        );
     }
 
     /// A `projectionist` command against this database and manifest.
@@ -190,11 +215,23 @@ impl TestDb {
     pub fn expected_projection(&self) {
         let out = Command::new("psql")
             .arg(&self.url)
-            .args(["-X", "-q", "-v", "ON_ERROR_STOP=1", "-v", "schema=expected", "-f"])
+            .args([
+                "-X",
+                "-q",
+                "-v",
+                "ON_ERROR_STOP=1",
+                "-v",
+                "schema=expected",
+                "-f",
+            ])
             .arg(root().join("scripts/sql/expected.sql"))
             .output()
             .unwrap();
-        assert!(out.status.success(), "expected.sql: {}", String::from_utf8_lossy(&out.stderr));
+        assert!(
+            out.status.success(),
+            "expected.sql: {}",
+            String::from_utf8_lossy(&out.stderr)
+        );
     }
 
     /// Asserts the nine read-model tables equal the set-based projection.
@@ -221,14 +258,22 @@ impl TestDb {
     pub async fn ledger(&self, name: &str) -> Option<(String, i64)> {
         self.client()
             .await
-            .query_opt("SELECT state, position FROM projectionist.projectors WHERE name = $1", &[&name])
+            .query_opt(
+                "SELECT state, position FROM projectionist.projectors WHERE name = $1",
+                &[&name],
+            )
             .await
             .unwrap()
             .map(|r| (r.get(0), r.get(1)))
     }
 
     pub async fn count(&self, sql: &str) -> i64 {
-        self.client().await.query_one(sql, &[]).await.unwrap().get(0)
+        self.client()
+            .await
+            .query_one(sql, &[])
+            .await
+            .unwrap()
+            .get(0)
     }
 }
 
@@ -250,11 +295,16 @@ impl Drop for TestDb {
         let admin = admin_url();
         // Drop from a thread of its own: Drop cannot await, and may run inside a runtime.
         let _ = std::thread::spawn(move || {
-            let rt = tokio::runtime::Builder::new_current_thread().enable_all().build().unwrap();
+            let rt = tokio::runtime::Builder::new_current_thread()
+                .enable_all()
+                .build()
+                .unwrap();
             rt.block_on(async {
                 if let Ok((c, conn)) = tokio_postgres::connect(&admin, NoTls).await {
                     tokio::spawn(conn);
-                    let _ = c.batch_execute(&format!("DROP DATABASE IF EXISTS {name} WITH (FORCE)")).await;
+                    let _ = c
+                        .batch_execute(&format!("DROP DATABASE IF EXISTS {name} WITH (FORCE)"))
+                        .await;
                 }
             });
         })

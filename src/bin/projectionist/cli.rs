@@ -23,10 +23,21 @@ pub struct Cli {
 #[derive(Args, Debug)]
 pub struct Global {
     /// The manifest.
-    #[arg(long, global = true, default_value = "projectors.toml", value_name = "PATH")]
+    #[arg(
+        long,
+        global = true,
+        default_value = "projectors.toml",
+        value_name = "PATH"
+    )]
     pub manifest: PathBuf,
     /// postgres:// URL or key=value string (sslmode disable|prefer|require|verify-ca|verify-full, sslrootcert).
-    #[arg(long, global = true, env = "DATABASE_URL", hide_env_values = true, value_name = "URL")]
+    #[arg(
+        long,
+        global = true,
+        env = "DATABASE_URL",
+        hide_env_values = true,
+        value_name = "URL"
+    )]
     pub database_url: Option<String>,
     /// Print only errors.
     #[arg(short, long, global = true, conflicts_with = "verbose")]
@@ -48,28 +59,42 @@ pub enum Command {
     #[command(after_help = "Example:\n  projectionist migrate && projectionist boot")]
     Migrate(MigrateArgs),
     /// Boot new, interrupted, broken and stalled projectors (and rebuild those whose version rose) to the head.
-    #[command(after_help = "Examples:\n  projectionist boot                 # the deploy step: exit 1 if a projector breaks\n  projectionist boot band event      # only these\n  projectionist boot --no-wait       # exit 4 if another boot runs")]
+    #[command(
+        after_help = "Examples:\n  projectionist boot                 # the deploy step: exit 1 if a projector breaks\n  projectionist boot band event      # only these\n  projectionist boot --no-wait       # exit 4 if another boot runs"
+    )]
     Boot(BootArgs),
     /// Keep every live projector up to date until SIGINT/SIGTERM; several may run, on one machine or many.
-    #[command(after_help = "Examples:\n  projectionist play                         # under systemd or Kubernetes\n  projectionist play --metrics 0.0.0.0:9187  # Prometheus metrics at /metrics")]
+    #[command(
+        after_help = "Examples:\n  projectionist play                         # under systemd or Kubernetes\n  projectionist play --metrics 0.0.0.0:9187  # Prometheus metrics at /metrics"
+    )]
     Play(PlayArgs),
     /// LISTEN/NOTIFY set-up for near-time play.
     #[command(subcommand)]
     Notify(NotifyCommand),
     /// Where every projector stands: state, position, lag, errors; exit 1 when any is broken, stalled or over --max-lag.
-    #[command(after_help = "Examples:\n  projectionist status                 # the table\n  projectionist status band            # one projector in detail, with its failures\n  projectionist status --json          # for scripts and monitors\n  projectionist status --max-lag 30s   # a health check: exit 1 if any is 30s behind, broken or stalled")]
+    #[command(
+        after_help = "Examples:\n  projectionist status                 # the table\n  projectionist status band            # one projector in detail, with its failures\n  projectionist status --json          # for scripts and monitors\n  projectionist status --max-lag 30s   # a health check: exit 1 if any is 30s behind, broken or stalled"
+    )]
     Status(StatusArgs),
     /// Rebuild projectors from scratch: empty their tables and replay them.
-    #[command(after_help = "Examples:\n  projectionist reset band\n  projectionist reset band event --yes        # in scripts\n  projectionist reset band --no-replay        # the next boot replays it")]
+    #[command(
+        after_help = "Examples:\n  projectionist reset band\n  projectionist reset band event --yes        # in scripts\n  projectionist reset band --no-replay        # the next boot replays it"
+    )]
     Reset(ResetArgs),
     /// Write the migration that removes a projector gone from the manifest.
-    #[command(after_help = "Examples:\n  projectionist retire old_band              # writes migrations/V{n}__retire_old_band.sql\n  projectionist retire old_band --dry-run    # prints it instead")]
+    #[command(
+        after_help = "Examples:\n  projectionist retire old_band              # writes migrations/V{n}__retire_old_band.sql\n  projectionist retire old_band --dry-run    # prints it instead"
+    )]
     Retire(RetireArgs),
     /// Run the manifest's consistency checks; exit 1 on a mismatch.
-    #[command(after_help = "Examples:\n  projectionist verify\n  projectionist verify band --heal    # reset the projectors whose checks fail")]
+    #[command(
+        after_help = "Examples:\n  projectionist verify\n  projectionist verify band --heal    # reset the projectors whose checks fail"
+    )]
     Verify(VerifyArgs),
     /// Print shell completions.
-    #[command(after_help = "Example:\n  projectionist completions bash > /etc/bash_completion.d/projectionist")]
+    #[command(
+        after_help = "Example:\n  projectionist completions bash > /etc/bash_completion.d/projectionist"
+    )]
     Completions {
         /// bash, zsh, fish, elvish or powershell.
         shell: clap_complete::Shell,
@@ -190,7 +215,9 @@ pub struct PlayArgs {
 #[derive(Subcommand, Debug)]
 pub enum NotifyCommand {
     /// Write a migration adding a statement-level NOTIFY trigger on the events table.
-    #[command(after_help = "Example:\n  projectionist notify install --channel events && projectionist migrate\n  # then set notify = \"events\" under [store]")]
+    #[command(
+        after_help = "Example:\n  projectionist notify install --channel events && projectionist migrate\n  # then set notify = \"events\" under [store]"
+    )]
     Install {
         /// The channel to notify.
         #[arg(long, default_value = "events")]

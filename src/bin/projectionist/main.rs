@@ -175,7 +175,11 @@ async fn run(cli: Cli) -> Result<ExitStatus> {
             engine::play::play(&ctx, opts, metrics, shutdown).await?;
             Ok(ExitStatus::Success)
         }
-        Command::Notify(cli::NotifyCommand::Install { channel, dir, dry_run }) => {
+        Command::Notify(cli::NotifyCommand::Install {
+            channel,
+            dir,
+            dry_run,
+        }) => {
             let manifest = Manifest::load(&g.manifest)?;
             let (path, sql) = engine::notify::migration(&manifest, &channel, &dir)?;
             if dry_run {
@@ -234,13 +238,17 @@ async fn run(cli: Cli) -> Result<ExitStatus> {
         Command::Retire(args) => {
             let ctx = context(g)?;
             let client = ctx.connect("retire").await?;
-            let r = engine::retire::retire(&ctx, &client, &args.name, args.min_age, &args.dir).await?;
+            let r =
+                engine::retire::retire(&ctx, &client, &args.name, args.min_age, &args.dir).await?;
             if args.dry_run {
                 print!("{}", r.sql);
             } else {
                 engine::retire::write(&r)?;
                 if !g.quiet {
-                    println!("wrote {}\n  review it, commit it, and `projectionist migrate` applies it", r.path.display());
+                    println!(
+                        "wrote {}\n  review it, commit it, and `projectionist migrate` applies it",
+                        r.path.display()
+                    );
                 }
             }
             Ok(ExitStatus::Success)
@@ -255,7 +263,11 @@ async fn run(cli: Cli) -> Result<ExitStatus> {
                 println!("{}", report::verify::table(&results));
             }
             let failing: Vec<String> = {
-                let mut v: Vec<String> = results.iter().filter(|r| !r.ok).map(|r| r.projector.clone()).collect();
+                let mut v: Vec<String> = results
+                    .iter()
+                    .filter(|r| !r.ok)
+                    .map(|r| r.projector.clone())
+                    .collect();
                 v.dedup();
                 v
             };
@@ -282,7 +294,12 @@ async fn run(cli: Cli) -> Result<ExitStatus> {
             Ok(ExitStatus::Unhealthy)
         }
         Command::Completions { shell } => {
-            clap_complete::generate(shell, &mut Cli::command(), "projectionist", &mut std::io::stdout());
+            clap_complete::generate(
+                shell,
+                &mut Cli::command(),
+                "projectionist",
+                &mut std::io::stdout(),
+            );
             Ok(ExitStatus::Success)
         }
         Command::Man => {
@@ -313,15 +330,27 @@ async fn status(g: &cli::Global, args: cli::StatusArgs) -> Result<ExitStatus> {
     if let Some(name) = &args.name {
         let report = engine::status::status(&ctx, &client).await?;
         let Some(p) = report.projectors.iter().find(|p| &p.name == name) else {
-            return Err(Failure::Usage(format!("no projector `{name}` in the manifest or the ledger")).into());
+            return Err(Failure::Usage(format!(
+                "no projector `{name}` in the manifest or the ledger"
+            ))
+            .into());
         };
         let detail = engine::status::detail(&ctx, &client, name).await?;
         if args.json {
-            println!("{}", serde_json::to_string_pretty(&serde_json::json!({"projector": p, "failures": detail.failures, "holes": detail.holes}))?);
+            println!(
+                "{}",
+                serde_json::to_string_pretty(
+                    &serde_json::json!({"projector": p, "failures": detail.failures, "holes": detail.holes})
+                )?
+            );
         } else {
             println!("{}", report::status::detail(p, &detail, &report));
         }
-        return Ok(if p.state.is_unhealthy() { ExitStatus::Unhealthy } else { ExitStatus::Success });
+        return Ok(if p.state.is_unhealthy() {
+            ExitStatus::Unhealthy
+        } else {
+            ExitStatus::Success
+        });
     }
     let Some(every) = args.watch else {
         let report = engine::status::status(&ctx, &client).await?;
@@ -336,7 +365,11 @@ async fn status(g: &cli::Global, args: cli::StatusArgs) -> Result<ExitStatus> {
                 eprintln!("unhealthy: {u}");
             }
         }
-        return Ok(if unhealthy.is_empty() { ExitStatus::Success } else { ExitStatus::Unhealthy });
+        return Ok(if unhealthy.is_empty() {
+            ExitStatus::Success
+        } else {
+            ExitStatus::Unhealthy
+        });
     };
     let every = std::time::Duration::from_secs_f64(every.max(0.2));
     let tty = std::io::stdout().is_terminal();
@@ -360,7 +393,8 @@ async fn status(g: &cli::Global, args: cli::StatusArgs) -> Result<ExitStatus> {
 /// SIGINT or SIGTERM: finish the batches in flight, then exit 0. A second one exits at once.
 fn spawn_signal_handler(shutdown: tokio_util::sync::CancellationToken) {
     tokio::spawn(async move {
-        let mut term = tokio::signal::unix::signal(tokio::signal::unix::SignalKind::terminate()).expect("SIGTERM handler");
+        let mut term = tokio::signal::unix::signal(tokio::signal::unix::SignalKind::terminate())
+            .expect("SIGTERM handler");
         for n in 0.. {
             tokio::select! {
                 _ = tokio::signal::ctrl_c() => {}
