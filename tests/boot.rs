@@ -67,7 +67,12 @@ on.Thing = "INSERT INTO after_log (id) VALUES (:position)"
 #[tokio::test]
 async fn a_failing_handler_breaks_its_projector_stalls_the_others_and_resumes_once_fixed() {
     let db = TestDb::new().await;
-    things(&db, 10_000, &format!("[alert]\ncommand = [\"sh\", \"-c\", \"cat > alert.json\"]\n{FRAGILE}")).await;
+    things(
+        &db,
+        10_000,
+        &format!("[alert]\ncommand = [\"sh\", \"-c\", \"cat > alert.json\"]\n{FRAGILE}"),
+    )
+    .await;
     let run = Run::from(
         db.command(&["boot", "--batch-size", "1000"])
             .env("GITHUB_ACTIONS", "true")
@@ -75,13 +80,26 @@ async fn a_failing_handler_breaks_its_projector_stalls_the_others_and_resumes_on
             .unwrap(),
     );
     run.expect(1);
-    assert!(run.stderr.contains("projector `fragile` broke at event #5000 (Thing"), "{}", run.stderr);
+    assert!(
+        run.stderr
+            .contains("projector `fragile` broke at event #5000 (Thing"),
+        "{}",
+        run.stderr
+    );
     assert!(run.stderr.contains("division by zero"), "{}", run.stderr);
-    assert!(run.stderr.contains("::error title=projectionist boot::projector fragile broke at event #5000"), "{}", run.stderr);
+    assert!(
+        run.stderr
+            .contains("::error title=projectionist boot::projector fragile broke at event #5000"),
+        "{}",
+        run.stderr
+    );
     assert_eq!(db.ledger("fragile").await.unwrap(), ("broken".into(), 4999));
     let (state, pos) = db.ledger("follower").await.unwrap();
     assert_eq!(state, "stalled");
-    assert!(pos <= 4999, "follower went past the broken projector: {pos}");
+    assert!(
+        pos <= 4999,
+        "follower went past the broken projector: {pos}"
+    );
     let c = db.client().await;
     let row = c
         .query_one("SELECT error, error_position, error_type FROM projectionist.projectors WHERE name = 'fragile'", &[])
@@ -94,7 +112,8 @@ async fn a_failing_handler_breaks_its_projector_stalls_the_others_and_resumes_on
     // Everything before the failing event was kept, nothing after it.
     assert_eq!(db.count("SELECT count(*) FROM thing_log").await, 4999);
     let alert: serde_json::Value =
-        serde_json::from_str(&std::fs::read_to_string(db.dir.path().join("alert.json")).unwrap()).unwrap();
+        serde_json::from_str(&std::fs::read_to_string(db.dir.path().join("alert.json")).unwrap())
+            .unwrap();
     assert_eq!(alert["projector"], "fragile");
     assert_eq!(alert["position"], 5000);
     assert_eq!(alert["type"], "Thing");
@@ -107,7 +126,10 @@ async fn a_failing_handler_breaks_its_projector_stalls_the_others_and_resumes_on
     );
     db.run(&["boot"]).expect(0);
     assert_eq!(db.ledger("fragile").await.unwrap(), ("live".into(), 10_000));
-    assert_eq!(db.ledger("follower").await.unwrap(), ("live".into(), 10_000));
+    assert_eq!(
+        db.ledger("follower").await.unwrap(),
+        ("live".into(), 10_000)
+    );
     assert_eq!(db.count("SELECT count(*) FROM thing_log").await, 10_000);
     assert_eq!(db.count("SELECT count(*) FROM after_log").await, 10_000);
 }
@@ -115,7 +137,12 @@ async fn a_failing_handler_breaks_its_projector_stalls_the_others_and_resumes_on
 #[tokio::test]
 async fn a_failing_alert_command_is_reported_not_fatal() {
     let db = TestDb::new().await;
-    things(&db, 6_000, &format!("[alert]\ncommand = [\"sh\", \"-c\", \"echo pager down >&2; exit 7\"]\n{FRAGILE}")).await;
+    things(
+        &db,
+        6_000,
+        &format!("[alert]\ncommand = [\"sh\", \"-c\", \"echo pager down >&2; exit 7\"]\n{FRAGILE}"),
+    )
+    .await;
     let run = db.run(&["boot"]);
     run.expect(1);
     assert!(run.stderr.contains("the alert command"), "{}", run.stderr);
@@ -134,13 +161,20 @@ async fn sigkill_mid_boot_then_boot_again_applies_every_event_exactly_once() {
     things(&db, 300_000, COUNTER).await;
     // Kill it a few times at different points, then let it finish.
     for kill_after in [20_000i64, 120_000] {
-        let mut child = db.command(&["boot", "--batch-size", "500", "-q"]).spawn().unwrap();
+        let mut child = db
+            .command(&["boot", "--batch-size", "500", "-q"])
+            .spawn()
+            .unwrap();
         loop {
             tokio::time::sleep(std::time::Duration::from_millis(20)).await;
             if let Some(status) = child.try_wait().unwrap() {
                 panic!("boot ended before it could be killed: {status}");
             }
-            if db.ledger("counter").await.is_some_and(|(_, p)| p >= kill_after) {
+            if db
+                .ledger("counter")
+                .await
+                .is_some_and(|(_, p)| p >= kill_after)
+            {
                 break;
             }
         }
@@ -150,7 +184,10 @@ async fn sigkill_mid_boot_then_boot_again_applies_every_event_exactly_once() {
         assert_eq!(state, "booting");
     }
     db.run(&["boot"]).expect(0);
-    assert_eq!(db.ledger("counter").await.unwrap(), ("live".into(), 300_000));
+    assert_eq!(
+        db.ledger("counter").await.unwrap(),
+        ("live".into(), 300_000)
+    );
     assert_eq!(db.count("SELECT n FROM counter").await, 300_000);
     assert_eq!(db.count("SELECT count(*) FROM seen").await, 300_000);
 }
@@ -159,13 +196,25 @@ async fn sigkill_mid_boot_then_boot_again_applies_every_event_exactly_once() {
 async fn two_boots_started_together_one_waits_both_succeed_nothing_applied_twice() {
     let db = TestDb::new().await;
     things(&db, 100_000, COUNTER).await;
-    let a = db.command(&["boot", "--batch-size", "1000"]).spawn().unwrap();
-    let b = db.command(&["boot", "--batch-size", "1000"]).spawn().unwrap();
-    let (a, b) = (Run::from(a.wait_with_output().unwrap()), Run::from(b.wait_with_output().unwrap()));
+    let a = db
+        .command(&["boot", "--batch-size", "1000"])
+        .spawn()
+        .unwrap();
+    let b = db
+        .command(&["boot", "--batch-size", "1000"])
+        .spawn()
+        .unwrap();
+    let (a, b) = (
+        Run::from(a.wait_with_output().unwrap()),
+        Run::from(b.wait_with_output().unwrap()),
+    );
     a.expect(0);
     b.expect(0);
     assert_eq!(db.count("SELECT n FROM counter").await, 100_000);
-    assert_eq!(db.ledger("counter").await.unwrap(), ("live".into(), 100_000));
+    assert_eq!(
+        db.ledger("counter").await.unwrap(),
+        ("live".into(), 100_000)
+    );
 }
 
 #[tokio::test]
@@ -174,7 +223,10 @@ async fn no_wait_exits_4_naming_the_holder() {
     things(&db, 10, COUNTER).await;
     let holder = db.client().await;
     holder
-        .execute("SELECT pg_advisory_lock(hashtext('projectionist:projectionist'), hashtext('boot'))", &[])
+        .execute(
+            "SELECT pg_advisory_lock(hashtext('projectionist:projectionist'), hashtext('boot'))",
+            &[],
+        )
         .await
         .unwrap();
     let run = db.run(&["boot", "--no-wait"]);
@@ -182,7 +234,10 @@ async fn no_wait_exits_4_naming_the_holder() {
     assert!(run.stderr.contains("pid"), "{}", run.stderr);
     let run = db.run(&["boot", "--lock-timeout", "1s"]);
     run.expect(4);
-    assert!(db.ledger("counter").await.is_none(), "nothing booted while locked");
+    assert!(
+        db.ledger("counter").await.is_none(),
+        "nothing booted while locked"
+    );
 }
 
 #[tokio::test]
@@ -209,12 +264,18 @@ on.Thing = "INSERT INTO thing_log (id) VALUES (:position)"
     assert_eq!(db.ledger("welcome").await.unwrap(), ("live".into(), 10_000));
     assert_eq!(db.count("SELECT count(*) FROM seen").await, 0);
     // once: played to the head, then finished.
-    assert_eq!(db.ledger("backfill").await.unwrap(), ("finished".into(), 10_000));
+    assert_eq!(
+        db.ledger("backfill").await.unwrap(),
+        ("finished".into(), 10_000)
+    );
     assert_eq!(db.count("SELECT count(*) FROM thing_log").await, 10_000);
     // Neither is booted again; the once projector never plays again.
     add_things(&db, 50).await;
     db.run(&["boot"]).expect(0);
-    assert_eq!(db.ledger("backfill").await.unwrap(), ("finished".into(), 10_000));
+    assert_eq!(
+        db.ledger("backfill").await.unwrap(),
+        ("finished".into(), 10_000)
+    );
     assert_eq!(db.count("SELECT count(*) FROM thing_log").await, 10_000);
 }
 
@@ -224,13 +285,25 @@ async fn a_version_bump_rebuilds_and_a_retired_projector_is_refused() {
     db.gen_events(5_000);
     db.run(&["boot"]).expect(0);
     let c = db.client().await;
-    c.execute("DELETE FROM band WHERE name IN (SELECT name FROM band LIMIT 10)", &[]).await.unwrap();
+    c.execute(
+        "DELETE FROM band WHERE name IN (SELECT name FROM band LIMIT 10)",
+        &[],
+    )
+    .await
+    .unwrap();
     c.execute("INSERT INTO band (id, name, created) VALUES (gen_random_uuid(), 'not from an event', now())", &[])
         .await
         .unwrap();
     let manifest = std::fs::read_to_string(db.manifest_path()).unwrap();
-    let bumped = manifest.replacen("[projectors.band]\nmode = \"from_beginning\"\ntables = [\"band\"]\nversion = 1", "[projectors.band]\nmode = \"from_beginning\"\ntables = [\"band\"]\nversion = 2", 1);
-    assert_ne!(bumped, manifest, "the example manifest's band section changed shape");
+    let bumped = manifest.replacen(
+        "[projectors.band]\nmode = \"from_beginning\"\ntables = [\"band\"]\nversion = 1",
+        "[projectors.band]\nmode = \"from_beginning\"\ntables = [\"band\"]\nversion = 2",
+        1,
+    );
+    assert_ne!(
+        bumped, manifest,
+        "the example manifest's band section changed shape"
+    );
     db.write_manifest(&bumped);
     let run = db.run(&["boot", "--json"]);
     run.expect(0);
@@ -238,13 +311,26 @@ async fn a_version_bump_rebuilds_and_a_retired_projector_is_refused() {
     assert_eq!(json["projectors"][0]["name"], "band");
     assert_eq!(json["projectors"][0]["action"], "rebuild");
     db.assert_tables_match_expected().await;
-    assert_eq!(db.count("SELECT version::bigint FROM projectionist.projectors WHERE name = 'band'").await, 2);
+    assert_eq!(
+        db.count("SELECT version::bigint FROM projectionist.projectors WHERE name = 'band'")
+            .await,
+        2
+    );
 
-    c.execute("UPDATE projectionist.projectors SET state = 'retired' WHERE name = 'event'", &[]).await.unwrap();
+    c.execute(
+        "UPDATE projectionist.projectors SET state = 'retired' WHERE name = 'event'",
+        &[],
+    )
+    .await
+    .unwrap();
     let run = db.run(&["boot"]);
     run.expect(2);
     assert!(run.stderr.contains("`event` is retired"), "{}", run.stderr);
-    assert!(run.stderr.contains("reset event --allow-side-effects"), "{}", run.stderr);
+    assert!(
+        run.stderr.contains("reset event --allow-side-effects"),
+        "{}",
+        run.stderr
+    );
 }
 
 #[tokio::test]
@@ -256,5 +342,9 @@ async fn boot_names_limit_the_selection_and_unknown_names_are_usage_errors() {
     assert!(db.ledger("event").await.is_none());
     let run = db.run(&["boot", "nosuch"]);
     run.expect(2);
-    assert!(run.stderr.contains("no projector `nosuch`"), "{}", run.stderr);
+    assert!(
+        run.stderr.contains("no projector `nosuch`"),
+        "{}",
+        run.stderr
+    );
 }

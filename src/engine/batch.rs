@@ -15,7 +15,7 @@ use crate::store::{Position, StoreShape};
 /// What runs a projector's events: its compiled SQL handlers, or its command.
 pub enum Runner {
     Sql(CompiledProjector),
-    Command(CommandRunner),
+    Command(Box<CommandRunner>),
 }
 
 impl Runner {
@@ -161,8 +161,6 @@ async fn record(
     failure: &HandlerFailure,
     kept: &mut Position,
 ) -> Result<()> {
-    let tx = tx;
-    let failure = failure;
     match on_failure {
         OnFailure::Break => {
             ctx.ledger
