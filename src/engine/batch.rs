@@ -28,11 +28,8 @@ impl Runner {
         run: &'static str,
     ) -> Result<Runner> {
         if p.command.is_some() {
-            return Ok(Runner::Command(CommandRunner::new(
-                p,
-                run,
-                ctx.manifest.dir(),
-            )));
+            let command = CommandRunner::new(p, run, ctx.manifest.dir());
+            return Ok(Runner::Command(Box::new(command)));
         }
         let compiled = CompiledProjector::compile(shape, p);
         compiled.install(client).await?;
