@@ -510,6 +510,38 @@ impl StoreShape {
         Ok(rows.into_iter().map(|r| (r.get(0), r.get(1))).collect())
     }
 
+    /// Where a `from_now` projector starts: the newest committed event now,
+    /// once nothing before it can still appear. Everything committed is
+    /// history and is never played; waiting (up to `wait`) for the
+    /// transactions that may still commit behind it keeps a new event from
+    /// being skipped.
+    pub async fn release_head(
+        &self,
+        client: &Client,
+        ledger_schema: &str,
+        wait: std::time::Duration,
+    ) -> Result<Position> {
+        let mut holes = HoleTracker::new(ledger_schema);
+        let Some((visible, _)) = self.visible_head(client).await? else {
+            return Ok(Position::START);
+        };
+        let deadline = std::time::Instant::now() + wait;
+        loop {
+            let safe = self.safe_head(client, Position::START, &mut holes).await?;
+            if safe.position >= visible {
+                return Ok(visible);
+            }
+            if std::time::Instant::now() >= deadline {
+                tracing::warn!(
+                    "starting at {visible} while transactions {:?} (pid, seconds) still run: an event they commit behind it is not played",
+                    safe.held_by
+                );
+                return Ok(visible);
+            }
+            tokio::time::sleep(std::time::Duration::from_millis(50)).await;
+        }
+    }
+
     /// The end of the next batch: the `size`-th event after `after`, or `limit`.
     pub async fn batch_end(
         &self,

@@ -119,13 +119,23 @@ pub async fn run(
                 let n = match last_ok {
                     Some(_) => match compiled.run(&tx, from, before).await? {
                         BatchOutcome::Done { handled } => handled,
-                        BatchOutcome::Failed { failure: again, .. } => {
-                            tx.rollback().await?;
-                            anyhow::bail!(
-                                "projector `{name}` failed at event #{} and then, replaying the events before it, at #{}: its handlers are not deterministic",
-                                failure.position,
-                                again.position
+                        BatchOutcome::Failed {
+                            failure: mut again, ..
+                        } => {
+                            // Not deterministic (a plan change, a volatile function): break at the
+                            // earlier failure, keeping nothing of this batch.
+                            again.message = format!(
+                                "{} (it failed at #{} first, then at #{} when the events before were replayed: the handler is not deterministic)",
+                                again.message, failure.position, again.position
                             );
+                            record(ctx, shape, &tx, name, run, on_failure, &again, &mut kept)
+                                .await?;
+                            tx.commit().await.context("recording the failure")?;
+                            return Ok(Some(Batch::Failed {
+                                kept,
+                                handled: 0,
+                                failure: again,
+                            }));
                         }
                     },
                     None => 0,

@@ -506,13 +506,10 @@ async fn start_position(
     p: &Projector,
 ) -> Result<Position> {
     if p.mode == Mode::FromNow {
-        let mut holes = HoleTracker::new(ctx.ledger.schema());
-        // The head below which everything is settled: nothing before it can appear later.
-        Ok(shared
+        shared
             .shape
-            .safe_head(client, Position::START, &mut holes)
-            .await?
-            .position)
+            .release_head(client, ctx.ledger.schema(), shared.opts.writer_wait)
+            .await
     } else {
         Ok(Position::START)
     }

@@ -11,7 +11,7 @@ use crate::engine::boot::{self, BootOptions, BootReport, reset_tables};
 use crate::error::Failure;
 use crate::manifest::Mode;
 use crate::report::progress::Progress;
-use crate::store::{HoleTracker, Position, StoreShape};
+use crate::store::{Position, StoreShape};
 
 #[derive(Clone, Debug)]
 pub struct ResetOptions {
@@ -104,11 +104,9 @@ async fn reset_one(
         )
         .await?;
     let start = if p.mode == Mode::FromNow {
-        let mut holes = HoleTracker::new(ctx.ledger.schema());
         shape
-            .safe_head(&client, Position::START, &mut holes)
+            .release_head(&client, ctx.ledger.schema(), opts.boot.writer_wait)
             .await?
-            .position
     } else {
         Position::START
     };

@@ -1,5 +1,5 @@
 //! `verify`: the sweeper. Runs each `[[projectors.X.check]]`: its two queries
-//! must return the same rows. Both run in one repeatable-read snapshot so a
+//! must return the same rows (as a multiset; column names do not matter). Both run in one repeatable-read snapshot so a
 //! write between them cannot fake a mismatch.
 
 use anyhow::{Context as _, Result};
@@ -44,17 +44,26 @@ pub async fn verify(
             continue;
         }
         for c in &p.checks {
+            // Rows as text (each column as PostgreSQL prints it), sorted: a multiset.
             let run = |q: String| {
                 let tx = &tx;
                 async move {
-                    let rows = tx
-                        .query(&format!("SELECT q::text FROM ({q}) q ORDER BY 1"), &[])
-                        .await?;
-                    Ok::<Vec<String>, tokio_postgres::Error>(
-                        rows.iter()
-                            .map(|r| r.get::<_, Option<String>>(0).unwrap_or_default())
-                            .collect(),
-                    )
+                    let mut rows: Vec<String> = tx
+                        .simple_query(&q)
+                        .await?
+                        .iter()
+                        .filter_map(|m| match m {
+                            tokio_postgres::SimpleQueryMessage::Row(r) => Some(
+                                (0..r.len())
+                                    .map(|i| r.get(i).unwrap_or("NULL"))
+                                    .collect::<Vec<_>>()
+                                    .join(", "),
+                            ),
+                            _ => None,
+                        })
+                        .collect();
+                    rows.sort();
+                    Ok::<Vec<String>, tokio_postgres::Error>(rows)
                 }
             };
             let projection = run(c.projection.clone()).await.with_context(|| {
