@@ -440,6 +440,7 @@ async fn boot_one(
                         outcome.state = State::Broken;
                         outcome.seconds = started.elapsed().as_secs_f64();
                         publish(shared, &p.name, kept);
+                        bar.set_position(kept.id);
                         runner.finish().await;
                         bar.finish("broken");
                         return Ok(TaskEnd::Broken(outcome, *failure));

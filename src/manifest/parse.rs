@@ -811,3 +811,40 @@ mod tests {
         assert_eq!(err.problems.len(), 4, "{err}");
     }
 }
+
+#[cfg(test)]
+mod properties {
+    //! The parser never panics and every problem points inside the file.
+    use super::*;
+    use proptest::prelude::*;
+
+    const EXAMPLE: &str = include_str!("../../projectors.toml");
+
+    proptest! {
+        #[test]
+        fn arbitrary_text_never_panics(text in "\\PC{0,300}") {
+            if let Err(e) = parse(Path::new("p.toml"), text.clone()) {
+                for p in &e.problems {
+                    prop_assert!(p.span.end <= text.len());
+                }
+            }
+        }
+
+        #[test]
+        fn mutated_example_errors_point_inside_the_file(at in 0usize..4000, len in 0usize..20, insert in "[ -~\n]{0,8}") {
+            let mut text = EXAMPLE.to_string();
+            let at = at.min(text.len());
+            let at = (0..=at).rev().find(|i| text.is_char_boundary(*i)).unwrap();
+            let end = (at + len).min(text.len());
+            let end = (end..=text.len()).find(|i| text.is_char_boundary(*i)).unwrap();
+            text.replace_range(at..end, &insert);
+            if let Err(e) = parse(Path::new("p.toml"), text.clone()) {
+                prop_assert!(!e.problems.is_empty());
+                for p in &e.problems {
+                    prop_assert!(p.span.start <= p.span.end && p.span.end <= text.len());
+                }
+                let _ = e.to_string();
+            }
+        }
+    }
+}

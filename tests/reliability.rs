@@ -1,0 +1,199 @@
+//! Faults and hostile input (issue 9): bad event payloads, injection attempts,
+//! a connection killed mid-boot, passwords in URLs.
+
+mod common;
+
+use common::*;
+
+const STORE: &str = "[store]\ntable = \"events\"\nposition = \"id\"\ntype = \"name\"\ndata = \"data\"\nstream = \"aggregate_id\"\ntime = \"tstamp\"\ntransaction = \"tx\"\n";
+
+async fn insert(db: &TestDb, kind: &str, data: &str) -> i64 {
+    db.client()
+        .await
+        .query_one(
+            "INSERT INTO events (aggregate_id, aggregate_name, name, data) VALUES (gen_random_uuid(), 'x', $1, $2::text::jsonb) RETURNING id",
+            &[&kind, &data],
+        )
+        .await
+        .unwrap()
+        .get(0)
+}
+
+#[tokio::test]
+async fn hostile_strings_are_data_never_sql() {
+    let db = TestDb::new().await;
+    let hostile = [
+        "'); DROP TABLE band; --",
+        "$1",
+        ":data.x",
+        "$$; DROP TABLE band; $$",
+        "\\'; DELETE FROM band; --",
+        "ünïcødé 🎻 \u{202e}",
+        "' OR 1=1 --",
+    ];
+    for name in hostile {
+        insert(
+            &db,
+            "BandCreated",
+            &serde_json::json!({ "name": name }).to_string(),
+        )
+        .await;
+    }
+    db.write_manifest(&format!(
+        "{STORE}\n[projectors.band]\ntables = [\"band\"]\non.BandCreated = \"\"\"\nINSERT INTO band (id, name, created) VALUES (:stream::uuid, :data.name, :time)\nON CONFLICT (name) DO UPDATE SET id = EXCLUDED.id\n\"\"\"\n"
+    ));
+    db.run(&["boot"]).expect(0);
+    let c = db.client().await;
+    let names: Vec<String> = c
+        .query("SELECT name FROM band ORDER BY name", &[])
+        .await
+        .unwrap()
+        .iter()
+        .map(|r| r.get(0))
+        .collect();
+    let mut want: Vec<String> = hostile.iter().map(|s| s.to_string()).collect();
+    want.sort();
+    let mut got = names.clone();
+    got.sort();
+    assert_eq!(got, want, "every hostile name stored as it was");
+}
+
+#[tokio::test]
+async fn bad_payloads_project_or_break_with_the_events_position() {
+    let db = TestDb::new().await;
+    db.client()
+        .await
+        .batch_execute("CREATE TABLE geo (id bigint PRIMARY KEY, lat float8, raw jsonb)")
+        .await
+        .unwrap();
+    insert(&db, "Geo", r#"{"lat": 1.5}"#).await;
+    insert(&db, "Geo", r#""a string payload""#).await; // not an object: :data.lat is NULL
+    insert(&db, "Geo", r#"[1, 2, 3]"#).await;
+    insert(&db, "Geo", r#"{}"#).await; // missing field
+    let huge = format!(
+        r#"{{"lat": 2.5, "blob": "{}"}}"#,
+        "x".repeat(10 * 1024 * 1024)
+    );
+    insert(&db, "Geo", &huge).await;
+    let bad = insert(&db, "Geo", r#"{"lat": "not a number"}"#).await;
+    db.write_manifest(&format!(
+        "{STORE}\n[projectors.geo]\ntables = [\"geo\"]\non.Geo = \"INSERT INTO geo (id, lat, raw) VALUES (:position, :data.lat::float8, :data)\"\n"
+    ));
+    let run = db.run(&["boot"]);
+    run.expect(1);
+    assert!(
+        run.stderr.contains(&format!("broke at event #{bad} (Geo")),
+        "{}",
+        run.stderr
+    );
+    assert!(
+        run.stderr
+            .contains("invalid input syntax for type double precision"),
+        "{}",
+        run.stderr
+    );
+    // Everything before the bad event was projected, the 10 MB payload included.
+    assert_eq!(db.count("SELECT count(*) FROM geo").await, bad - 1);
+    assert_eq!(
+        db.count("SELECT count(*) FROM geo WHERE lat IS NULL").await,
+        3,
+        "non-objects and missing fields give NULL"
+    );
+    assert_eq!(
+        db.count("SELECT count(*) FROM geo WHERE length(raw::text) > 10000000")
+            .await,
+        1
+    );
+    assert_eq!(db.ledger("geo").await.unwrap(), ("broken".into(), bad - 1));
+}
+
+#[tokio::test]
+async fn a_connection_killed_mid_boot_fails_clearly_and_the_next_boot_resumes() {
+    let db = TestDb::new().await;
+    db.client()
+        .await
+        .batch_execute(
+            "CREATE TABLE counter (n bigint NOT NULL); INSERT INTO counter VALUES (0); \
+             INSERT INTO events (aggregate_id, aggregate_name, name, data) \
+             SELECT gen_random_uuid(), 'x', 'Thing', '{}' FROM generate_series(1, 200000)",
+        )
+        .await
+        .unwrap();
+    db.write_manifest(&format!(
+        "{STORE}\n[projectors.counter]\non.Thing = \"UPDATE counter SET n = n + 1\"\n"
+    ));
+    let child = db
+        .command(&["boot", "--batch-size", "500"])
+        .stdout(std::process::Stdio::piped())
+        .stderr(std::process::Stdio::piped())
+        .spawn()
+        .unwrap();
+    let c = db.client().await;
+    loop {
+        tokio::time::sleep(std::time::Duration::from_millis(20)).await;
+        if db.ledger("counter").await.is_some_and(|(_, p)| p > 20_000) {
+            break;
+        }
+    }
+    c.execute(
+        "SELECT pg_terminate_backend(pid) FROM pg_stat_activity WHERE application_name LIKE 'projectionist boot%' AND datname = current_database()",
+        &[],
+    )
+    .await
+    .unwrap();
+    let run = Run::from(child.wait_with_output().unwrap());
+    assert_ne!(run.code, 0, "a killed connection fails the boot");
+    assert!(
+        run.stderr.contains("terminat") || run.stderr.contains("connection"),
+        "the error says what happened: {}",
+        run.stderr
+    );
+    db.run(&["boot"]).expect(0);
+    assert_eq!(
+        db.count("SELECT n FROM counter").await,
+        200_000,
+        "every event exactly once"
+    );
+}
+
+#[tokio::test]
+async fn the_password_never_appears_in_output_or_logs() {
+    let db = TestDb::new().await;
+    db.gen_events(200);
+    // Local connections trust any password, so the URL works and carries a secret.
+    let mut url = url::Url::parse(&db.url).unwrap();
+    url.set_password(Some("s3cr3t-pw")).unwrap();
+    let url = url.to_string();
+    let mut outputs = Vec::new();
+    for args in [
+        vec!["validate"],
+        vec!["migrate", "--dir", "/nonexistent"],
+        vec!["boot", "-vv"],
+        vec!["status", "-v"],
+        vec!["status", "--json"],
+        vec!["verify"],
+        vec!["boot", "--help"],
+        vec!["--help"],
+    ] {
+        let out = db
+            .command(&args)
+            .env("DATABASE_URL", &url)
+            .output()
+            .unwrap();
+        outputs.push(Run::from(out));
+    }
+    // And a failing connection with the password in the URL.
+    let out = db
+        .command(&["status"])
+        .env("DATABASE_URL", "postgres://u:s3cr3t-pw@127.0.0.1:1/x")
+        .output()
+        .unwrap();
+    outputs.push(Run::from(out));
+    for r in &outputs {
+        assert!(
+            !r.stdout.contains("s3cr3t-pw") && !r.stderr.contains("s3cr3t-pw"),
+            "{r:?}"
+        );
+    }
+    assert_eq!(outputs[0].code, 0, "{:?}", outputs[0]);
+}
