@@ -40,6 +40,40 @@ _pg_apt_install() {
     DEBIAN_FRONTEND=noninteractive apt-get install -y -qq --no-install-recommends "$@" >&2 || return 1
 }
 
+# TLS for the throwaway cluster: a self-signed CA and a server certificate for
+# DNS:localhost (not for 127.0.0.1, so tests can check that verify-full checks the
+# host name). Exports PROJECTIONIST_TEST_SSLROOTCERT for the TLS tests. Skipped,
+# with a note, when openssl cannot be had.
+_pg_tls() {
+    local dir=$1 tls=$1/tls
+    if ! command -v openssl >/dev/null 2>&1; then
+        _pg_apt_install openssl || true
+        command -v openssl >/dev/null 2>&1 || { pg_log "no openssl: the cluster runs without TLS (the TLS tests are skipped)"; return 0; }
+    fi
+    mkdir -p "$tls"
+    (
+        cd "$tls"
+        openssl req -x509 -newkey rsa:2048 -nodes -days 2 -subj "/CN=projectionist test CA" \
+            -keyout ca.key -out ca.crt >/dev/null 2>&1
+        openssl req -newkey rsa:2048 -nodes -subj "/CN=localhost" -keyout server.key -out server.csr >/dev/null 2>&1
+        printf 'subjectAltName=DNS:localhost\n' >san.ext
+        openssl x509 -req -in server.csr -CA ca.crt -CAkey ca.key -CAcreateserial -days 2 \
+            -extfile san.ext -out server.crt >/dev/null 2>&1
+        chmod 600 server.key
+    ) || { pg_log "could not make test certificates: the cluster runs without TLS"; return 0; }
+    if [ -n "${_PG_RUN_USER:-}" ]; then
+        chown -R "$_PG_RUN_USER:$(id -g "$_PG_RUN_USER")" "$tls"
+    fi
+    chmod 755 "$tls"
+    chmod 644 "$tls/ca.crt"
+    cat >>"$dir/data/postgresql.conf" <<EOF
+ssl = on
+ssl_cert_file = '$tls/server.crt'
+ssl_key_file = '$tls/server.key'
+EOF
+    export PROJECTIONIST_TEST_SSLROOTCERT=$tls/ca.crt
+}
+
 # Prints the directory holding initdb, pg_ctl and postgres, or returns 1.
 _pg_find_bindir() {
     local d
@@ -135,6 +169,7 @@ shared_buffers = 256MB
 max_wal_size = 4GB
 checkpoint_timeout = 30min
 EOF
+    _pg_tls "$dir"
 
     for port in $(seq 55432 55531); do
         _pg_port_in_use "$port" && continue
