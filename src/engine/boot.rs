@@ -79,6 +79,8 @@ pub struct ProjectorOutcome {
     pub position: i64,
     pub events: i64,
     pub seconds: f64,
+    /// Why it stopped short of the committed head (running transactions held events back).
+    pub held_back: Option<String>,
 }
 
 /// The broken projector of a failed boot.
@@ -229,6 +231,14 @@ pub async fn boot(ctx: &Context, opts: BootOptions, progress: &Progress) -> Resu
     }
     ctx.locks.unlock(&control, "boot").await.ok();
     report.projectors.sort_by(|a, b| a.name.cmp(&b.name));
+    let held: Vec<String> = report
+        .projectors
+        .iter()
+        .filter_map(|p| p.held_back.clone())
+        .collect();
+    if !held.is_empty() {
+        report.held_back = Some(held.join("\n"));
+    }
     if let Some(e) = first_error {
         return Err(e);
     }
@@ -331,6 +341,7 @@ async fn boot_one(
         position: row.as_ref().map(|r| r.position.id).unwrap_or(0),
         events: 0,
         seconds: 0.0,
+        held_back: None,
     };
     let mut client = ctx.connect("boot").await?;
     let lock_key = format!("projector:{}", p.name);
@@ -473,12 +484,23 @@ async fn boot_one(
                 tokio::time::sleep(Duration::from_millis(50)).await;
                 continue;
             }
-            tracing::warn!(
-                "projector `{}` stops at {pos}: transactions {} still hold events up to {} back; play will project them",
+            // A once projector is never played again: it must not finish short of the head.
+            let note = format!(
+                "projector `{}` stopped at {pos}: transactions {} still hold committed events up to {} back; {}",
                 p.name,
                 describe_holders(&head.held_by),
-                head.visible
+                head.visible,
+                if p.mode == Mode::Once {
+                    "it stays booting and the next boot finishes it"
+                } else {
+                    "play will project them"
+                }
             );
+            tracing::warn!("{note}");
+            outcome.held_back = Some(note);
+            if p.mode == Mode::Once {
+                break State::Booting;
+            }
         }
         break if p.mode == Mode::Once {
             State::Finished
