@@ -46,7 +46,9 @@ pub struct ManifestError {
 }
 
 impl ManifestError {
-    pub fn new(path: &Path, source: &str, problems: Vec<Problem>) -> ManifestError {
+    pub fn new(path: &Path, source: &str, mut problems: Vec<Problem>) -> ManifestError {
+        // In file order, whatever order they were found in.
+        problems.sort_by_key(|p| (p.span.start, p.span.end));
         ManifestError {
             path: path.to_path_buf(),
             source: source.to_string(),
@@ -73,7 +75,9 @@ impl std::fmt::Display for ManifestError {
         } else {
             GraphicalTheme::unicode_nocolor()
         };
-        let handler = GraphicalReportHandler::new_themed(theme).with_width(100);
+        let handler = GraphicalReportHandler::new_themed(theme)
+            .with_width(100)
+            .with_wrap_lines(false);
         let name = self.path.display().to_string();
         for (i, p) in self.problems.iter().enumerate() {
             let mut diag = MietteDiagnostic::new(format!("{} ({})", p.message, self.location(p)))

@@ -80,6 +80,8 @@ pub struct Projector {
     pub side_effects: bool,
     pub version: i32,
     pub after: Vec<String>,
+    /// Where each `after` entry is, for errors.
+    pub after_spans: Vec<Span>,
     /// SQL handlers, one per event type, in the file's order.
     pub handlers: Vec<Handler>,
     pub command: Option<Vec<String>>,

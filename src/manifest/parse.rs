@@ -354,6 +354,7 @@ impl<'s> Walker<'s> {
             side_effects: false,
             version: 1,
             after: Vec::new(),
+            after_spans: Vec::new(),
             handlers: Vec::new(),
             command: None,
             events: None,
@@ -482,6 +483,7 @@ impl<'s> Walker<'s> {
                 .help("an SQL projector receives the event types of its `on` handlers"),
             );
         }
+        p.after_spans = after_spans.clone();
         for (dep, span) in p.after.iter().zip(after_spans) {
             if dep == &name {
                 self.problems.push(Problem::new(
@@ -640,12 +642,13 @@ impl<'s> Walker<'s> {
         let by_name: BTreeMap<&str, &Projector> =
             projectors.iter().map(|p| (p.name.as_str(), p)).collect();
         for p in projectors {
-            for dep in &p.after {
+            for (i, dep) in p.after.iter().enumerate() {
+                let at = p.after_spans.get(i).cloned().unwrap_or(p.span.clone());
                 let Some(d) = by_name.get(dep.as_str()) else {
                     if dep != &p.name {
                         self.problems.push(
                             Problem::new(
-                                p.span.clone(),
+                                at,
                                 format!("projector `{}` comes after `{dep}`, which is not in the manifest", p.name),
                                 format!("after = [\"{dep}\"]"),
                             )

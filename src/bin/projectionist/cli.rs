@@ -69,7 +69,10 @@ pub enum Command {
     )]
     Play(PlayArgs),
     /// LISTEN/NOTIFY set-up for near-time play.
-    #[command(subcommand)]
+    #[command(
+        subcommand,
+        after_help = "Example:\n  projectionist notify install --channel events && projectionist migrate"
+    )]
     Notify(NotifyCommand),
     /// Where every projector stands: state, position, lag, errors; exit 1 when any is broken, stalled or over --max-lag.
     #[command(
