@@ -275,25 +275,21 @@ fn split_tls_options(conn: &str) -> Result<(String, Option<String>, Option<Strin
             .map_err(|e| Failure::Usage(format!("the database URL is not valid: {e}")))?;
         let mut sslmode = None;
         let mut root = None;
-        let kept: Vec<(String, String)> = url
-            .query_pairs()
-            .filter_map(|(k, v)| match k.as_ref() {
-                "sslmode" => {
-                    sslmode = Some(v.into_owned());
-                    None
-                }
-                "sslrootcert" => {
-                    root = Some(v.into_owned());
-                    None
-                }
-                _ => Some((k.into_owned(), v.into_owned())),
-            })
-            .collect();
-        if kept.is_empty() {
-            url.set_query(None);
-        } else {
-            url.query_pairs_mut().clear().extend_pairs(kept);
+        // Filter the raw `k=v` pairs, so the others keep their encoding as written
+        // (re-encoding would turn `%20` into `+`, which the driver does not decode).
+        let raw = url.query().unwrap_or("").to_string();
+        let mut kept = Vec::new();
+        for pair in raw.split('&').filter(|p| !p.is_empty()) {
+            let (k, v) = url::form_urlencoded::parse(pair.as_bytes())
+                .next()
+                .unwrap_or_default();
+            match k.as_ref() {
+                "sslmode" => sslmode = Some(v.into_owned()),
+                "sslrootcert" => root = Some(v.into_owned()),
+                _ => kept.push(pair),
+            }
         }
+        url.set_query((!kept.is_empty()).then(|| kept.join("&")).as_deref());
         return Ok((url.to_string(), sslmode, root));
     }
     // key=value pairs; values may be single-quoted with backslash escapes.
@@ -501,6 +497,16 @@ mod tests {
         assert_eq!(rest, "postgres://u:secret@h:5/db?connect_timeout=3");
         assert_eq!(mode.as_deref(), Some("verify-full"));
         assert_eq!(root.as_deref(), Some("/r.crt"));
+    }
+
+    #[test]
+    fn other_url_options_keep_their_encoding() {
+        let (rest, mode, _) = split_tls_options(
+            "postgres://u@h/db?options=-c%20statement_timeout%3D5&sslmode=require",
+        )
+        .unwrap();
+        assert_eq!(rest, "postgres://u@h/db?options=-c%20statement_timeout%3D5");
+        assert_eq!(mode.as_deref(), Some("require"));
     }
 
     #[test]

@@ -197,3 +197,36 @@ async fn the_password_never_appears_in_output_or_logs() {
     }
     assert_eq!(outputs[0].code, 0, "{:?}", outputs[0]);
 }
+
+#[tokio::test]
+async fn a_statement_timeout_in_a_handler_is_a_handler_failure_with_a_clear_message() {
+    let db = TestDb::new().await;
+    db.client()
+        .await
+        .batch_execute(
+            "CREATE TABLE slow (id bigint PRIMARY KEY); \
+             INSERT INTO events (aggregate_id, aggregate_name, name, data) \
+             SELECT gen_random_uuid(), 'x', 'Thing', '{}' FROM generate_series(1, 20)",
+        )
+        .await
+        .unwrap();
+    db.write_manifest(&format!(
+        "{STORE}\n[projectors.slow]\ntables = [\"slow\"]\non.Thing = [\"SELECT CASE WHEN :position = 7 THEN pg_sleep(5) END\", \"INSERT INTO slow VALUES (:position)\"]\n"
+    ));
+    let url = format!("{}?options=-c%20statement_timeout%3D1000", db.url);
+    let run = Run::from(
+        db.command(&["boot"])
+            .env("DATABASE_URL", url)
+            .output()
+            .unwrap(),
+    );
+    run.expect(1);
+    assert!(
+        run.stderr.contains("broke at event #7 (Thing"),
+        "{}",
+        run.stderr
+    );
+    assert!(run.stderr.contains("statement timeout"), "{}", run.stderr);
+    assert_eq!(db.ledger("slow").await.unwrap(), ("broken".into(), 6));
+    assert_eq!(db.count("SELECT count(*) FROM slow").await, 6);
+}

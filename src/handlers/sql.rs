@@ -8,6 +8,8 @@
 //! becomes SQL text), and catches the first failure to report the failing
 //! event's position, type and stream with the database's message, detail and
 //! hint. The caller commits the batch together with the position update.
+//! A statement or lock timeout is caught too (`query_canceled` is not part of
+//! `others`): it is the failure of the event it interrupted.
 
 use anyhow::{Context, Result};
 use tokio_postgres::types::Type;
@@ -168,7 +170,7 @@ BEGIN
       pj_last_ok := projectionist_position;
       pj_last_ok_tx := projectionist_tx::text;
     END LOOP;
-  EXCEPTION WHEN OTHERS THEN
+  EXCEPTION WHEN query_canceled OR others THEN
     GET STACKED DIAGNOSTICS
       pj_sqlstate = RETURNED_SQLSTATE,
       pj_message = MESSAGE_TEXT,
