@@ -5,17 +5,10 @@ mod common;
 
 use common::*;
 
-/// The example's four SQL projectors, without the command projectors.
-fn four_projectors(db: &TestDb) {
-    let text = std::fs::read_to_string(root().join("projectors.toml")).unwrap();
-    let cut = text.find("# Command projectors").expect("the example manifest's command section");
-    db.write_manifest(&text[..cut]);
-}
-
 #[tokio::test]
 async fn concurrent_boots_from_scratch_equal_ordered_play_twenty_times() {
     let db = TestDb::new().await;
-    four_projectors(&db);
+    example(&db);
     db.gen_events(30_000);
     db.expected_projection();
     let c = db.client().await;
@@ -27,7 +20,8 @@ async fn concurrent_boots_from_scratch_equal_ordered_play_twenty_times() {
         .await
         .unwrap();
         // Small batches and every projector at once: the most interleaving.
-        db.run(&["boot", "--jobs", "4", "--batch-size", "300", "-q"]).expect(0);
+        db.run(&["boot", "--jobs", "4", "--batch-size", "300", "-q"])
+            .expect(0);
         for t in EXAMPLE_TABLES {
             let diff: i64 = c
                 .query_one(
@@ -40,7 +34,10 @@ async fn concurrent_boots_from_scratch_equal_ordered_play_twenty_times() {
                 .await
                 .unwrap()
                 .get(0);
-            assert_eq!(diff, 0, "round {round}: table {t} differs from ordered play");
+            assert_eq!(
+                diff, 0,
+                "round {round}: table {t} differs from ordered play"
+            );
         }
     }
 }
@@ -48,7 +45,7 @@ async fn concurrent_boots_from_scratch_equal_ordered_play_twenty_times() {
 #[tokio::test]
 async fn a_dependent_never_passes_its_dependency_and_stalls_when_it_breaks() {
     let db = TestDb::new().await;
-    four_projectors(&db);
+    example(&db);
     db.gen_events(20_000);
     // Break band at its 50th BandCreated; userpreferences comes after band.
     let nth: i64 = db
@@ -68,7 +65,10 @@ async fn a_dependent_never_passes_its_dependency_and_stalls_when_it_breaks() {
     assert_eq!(band_state, "broken");
     let (prefs_state, prefs_pos) = db.ledger("userpreferences").await.unwrap();
     assert_eq!(prefs_state, "stalled");
-    assert!(prefs_pos <= band_pos, "userpreferences at {prefs_pos} went past band at {band_pos}");
+    assert!(
+        prefs_pos <= band_pos,
+        "userpreferences at {prefs_pos} went past band at {band_pos}"
+    );
     // Fixed: both finish, tables equal ordered play.
     db.write_manifest(&manifest);
     db.run(&["boot"]).expect(0);
@@ -78,7 +78,7 @@ async fn a_dependent_never_passes_its_dependency_and_stalls_when_it_breaks() {
 #[tokio::test]
 async fn a_cycle_is_a_manifest_error_naming_both() {
     let db = TestDb::new().await;
-    four_projectors(&db);
+    example(&db);
     let manifest = std::fs::read_to_string(db.manifest_path()).unwrap();
     db.write_manifest(&manifest.replacen(
         "[projectors.band]\n",
@@ -88,7 +88,11 @@ async fn a_cycle_is_a_manifest_error_naming_both() {
     let run = db.run(&["boot"]);
     run.expect(2);
     assert!(run.stderr.contains("cycle"), "{}", run.stderr);
-    assert!(run.stderr.contains("band") && run.stderr.contains("userpreferences"), "{}", run.stderr);
+    assert!(
+        run.stderr.contains("band") && run.stderr.contains("userpreferences"),
+        "{}",
+        run.stderr
+    );
     assert!(db.ledger("band").await.is_none(), "nothing was written");
 }
 
@@ -106,7 +110,19 @@ async fn the_ledger_has_the_columns_of_the_contract() {
         .iter()
         .map(|r| r.get(0))
         .collect();
-    for needed in ["name", "mode", "state", "position", "updated_at", "error", "error_position", "error_type"] {
-        assert!(columns.iter().any(|c| c == needed), "projectionist.projectors lacks `{needed}`: {columns:?}");
+    for needed in [
+        "name",
+        "mode",
+        "state",
+        "position",
+        "updated_at",
+        "error",
+        "error_position",
+        "error_type",
+    ] {
+        assert!(
+            columns.iter().any(|c| c == needed),
+            "projectionist.projectors lacks `{needed}`: {columns:?}"
+        );
     }
 }

@@ -23,36 +23,6 @@ async fn boot_makes_the_example_live_and_equal_to_set_based_sql() {
     assert_eq!(json["projectors"].as_array().unwrap().len(), 0);
 }
 
-/// A store of `n` events of type `Thing` (positions 1..=n), and a manifest
-/// with the given projectors over it.
-async fn things(db: &TestDb, n: i64, projectors: &str) {
-    let c = db.client().await;
-    c.batch_execute(
-        "CREATE TABLE thing_log (id bigint PRIMARY KEY, v int); \
-         CREATE TABLE after_log (id bigint PRIMARY KEY); \
-         CREATE TABLE counter (n bigint NOT NULL); INSERT INTO counter VALUES (0); \
-         CREATE TABLE seen (id bigint PRIMARY KEY)",
-    )
-    .await
-    .unwrap();
-    add_things(db, n).await;
-    db.write_manifest(&format!(
-        "[store]\ntable = \"events\"\nposition = \"id\"\ntype = \"name\"\ndata = \"data\"\nstream = \"aggregate_id\"\ntime = \"tstamp\"\ntransaction = \"tx\"\n\n{projectors}"
-    ));
-}
-
-async fn add_things(db: &TestDb, n: i64) {
-    db.client()
-        .await
-        .execute(
-            "INSERT INTO events (aggregate_id, aggregate_name, name, data) \
-             SELECT gen_random_uuid(), 'thing', 'Thing', jsonb_build_object('i', i) FROM generate_series(1::bigint, $1) i",
-            &[&n],
-        )
-        .await
-        .unwrap();
-}
-
 const FRAGILE: &str = r#"
 [projectors.fragile]
 tables = ["thing_log"]

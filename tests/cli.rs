@@ -388,7 +388,10 @@ async fn after_naming_an_unknown_projector() {
         text.contains("projector `prefs` comes after `bands`, which is not in the manifest"),
         "{stderr}"
     );
-    assert!(blocks[0].contains("projectors.toml:8:10"), "the bad entry itself: {stderr}");
+    assert!(
+        blocks[0].contains("projectors.toml:8:10"),
+        "the bad entry itself: {stderr}"
+    );
     assert!(text.contains("known projectors: band, prefs"), "{stderr}");
 }
 

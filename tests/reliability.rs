@@ -5,8 +5,6 @@ mod common;
 
 use common::*;
 
-const STORE: &str = "[store]\ntable = \"events\"\nposition = \"id\"\ntype = \"name\"\ndata = \"data\"\nstream = \"aggregate_id\"\ntime = \"tstamp\"\ntransaction = \"tx\"\n";
-
 async fn insert(db: &TestDb, kind: &str, data: &str) -> i64 {
     db.client()
         .await
@@ -40,7 +38,7 @@ async fn hostile_strings_are_data_never_sql() {
         .await;
     }
     db.write_manifest(&format!(
-        "{STORE}\n[projectors.band]\ntables = [\"band\"]\non.BandCreated = \"\"\"\nINSERT INTO band (id, name, created) VALUES (:stream::uuid, :data.name, :time)\nON CONFLICT (name) DO UPDATE SET id = EXCLUDED.id\n\"\"\"\n"
+        "{THINGS_STORE}\n[projectors.band]\ntables = [\"band\"]\non.BandCreated = \"\"\"\nINSERT INTO band (id, name, created) VALUES (:stream::uuid, :data.name, :time)\nON CONFLICT (name) DO UPDATE SET id = EXCLUDED.id\n\"\"\"\n"
     ));
     db.run(&["boot"]).expect(0);
     let c = db.client().await;
@@ -77,7 +75,7 @@ async fn bad_payloads_project_or_break_with_the_events_position() {
     insert(&db, "Geo", &huge).await;
     let bad = insert(&db, "Geo", r#"{"lat": "not a number"}"#).await;
     db.write_manifest(&format!(
-        "{STORE}\n[projectors.geo]\ntables = [\"geo\"]\non.Geo = \"INSERT INTO geo (id, lat, raw) VALUES (:position, :data.lat::float8, :data)\"\n"
+        "{THINGS_STORE}\n[projectors.geo]\ntables = [\"geo\"]\non.Geo = \"INSERT INTO geo (id, lat, raw) VALUES (:position, :data.lat::float8, :data)\"\n"
     ));
     let run = db.run(&["boot"]);
     run.expect(1);
@@ -120,7 +118,7 @@ async fn a_connection_killed_mid_boot_fails_clearly_and_the_next_boot_resumes() 
         .await
         .unwrap();
     db.write_manifest(&format!(
-        "{STORE}\n[projectors.counter]\non.Thing = \"UPDATE counter SET n = n + 1\"\n"
+        "{THINGS_STORE}\n[projectors.counter]\non.Thing = \"UPDATE counter SET n = n + 1\"\n"
     ));
     let child = db
         .command(&["boot", "--batch-size", "500"])
@@ -211,7 +209,7 @@ async fn a_statement_timeout_in_a_handler_is_a_handler_failure_with_a_clear_mess
         .await
         .unwrap();
     db.write_manifest(&format!(
-        "{STORE}\n[projectors.slow]\ntables = [\"slow\"]\non.Thing = [\"SELECT CASE WHEN :position = 7 THEN pg_sleep(5) END\", \"INSERT INTO slow VALUES (:position)\"]\n"
+        "{THINGS_STORE}\n[projectors.slow]\ntables = [\"slow\"]\non.Thing = [\"SELECT CASE WHEN :position = 7 THEN pg_sleep(5) END\", \"INSERT INTO slow VALUES (:position)\"]\n"
     ));
     let url = format!("{}?options=-c%20statement_timeout%3D1000", db.url);
     let run = Run::from(

@@ -346,3 +346,101 @@ impl Run {
 pub fn path(p: &str) -> &Path {
     Path::new(p)
 }
+
+/// The `[store]` of the small "Thing" stores the tests build.
+pub const THINGS_STORE: &str = "[store]\ntable = \"events\"\nposition = \"id\"\ntype = \"name\"\ndata = \"data\"\nstream = \"aggregate_id\"\ntime = \"tstamp\"\ntransaction = \"tx\"\n";
+
+/// A store of `n` events of type `Thing` (positions 1..=n), the tables the
+/// tests' projectors write to (`thing_log`, `after_log`, `mail_log`, `seen`,
+/// `counter`), and a manifest with `projectors` over them.
+pub async fn things(db: &TestDb, n: i64, projectors: &str) {
+    db.client()
+        .await
+        .batch_execute(
+            "CREATE TABLE thing_log (id bigint PRIMARY KEY, v int); \
+             CREATE TABLE after_log (id bigint PRIMARY KEY); \
+             CREATE TABLE mail_log (id bigint PRIMARY KEY); \
+             CREATE TABLE seen (id bigint PRIMARY KEY); \
+             CREATE TABLE counter (n bigint NOT NULL); INSERT INTO counter VALUES (0)",
+        )
+        .await
+        .unwrap();
+    add_things(db, n).await;
+    things_manifest(db, projectors);
+}
+
+/// A manifest of `projectors` over the Thing store.
+pub fn things_manifest(db: &TestDb, projectors: &str) {
+    db.write_manifest(&format!("{THINGS_STORE}\n{projectors}"));
+}
+
+/// Appends `n` Thing events.
+pub async fn add_things(db: &TestDb, n: i64) {
+    db.client()
+        .await
+        .execute(
+            "INSERT INTO events (aggregate_id, aggregate_name, name, data) \
+             SELECT gen_random_uuid(), 'thing', 'Thing', jsonb_build_object('i', i) FROM generate_series(1::bigint, $1) i",
+            &[&n],
+        )
+        .await
+        .unwrap();
+}
+
+/// The example's SQL projectors (the nine tables of `assert_tables_match_expected`).
+pub const SQL_PROJECTORS: [&str; 4] = ["band", "dancehall", "event", "userpreferences"];
+
+/// The example manifest with only the `keep` projectors (an `after` on a
+/// dropped one removed), and `extra` appended.
+pub fn example_only(db: &TestDb, keep: &[&str], extra: &str) {
+    let text = std::fs::read_to_string(root().join("projectors.toml")).unwrap();
+    let mut out = String::new();
+    let mut current: Option<String> = None;
+    let mut dropped = Vec::new();
+    for line in text.lines() {
+        if let Some(rest) = line
+            .strip_prefix("[[projectors.")
+            .or_else(|| line.strip_prefix("[projectors."))
+        {
+            let name: String = rest
+                .chars()
+                .take_while(|c| c.is_ascii_alphanumeric() || *c == '_')
+                .collect();
+            if !keep.contains(&name.as_str()) && !dropped.contains(&name) {
+                dropped.push(name.clone());
+            }
+            current = Some(name);
+        } else if line.starts_with('[') {
+            current = None;
+        }
+        if current.as_deref().is_none_or(|c| keep.contains(&c)) {
+            out.push_str(line);
+            out.push('\n');
+        }
+    }
+    for name in &dropped {
+        out = out.replace(&format!("after = [\"{name}\"]\n"), "");
+    }
+    for name in keep {
+        assert!(
+            out.contains(&format!("[projectors.{name}]")),
+            "no [projectors.{name}] in the example manifest"
+        );
+    }
+    db.write_manifest(&format!("{out}\n{extra}\n"));
+}
+
+/// The example's SQL projectors without `names`.
+pub fn example_without(db: &TestDb, names: &[&str], extra: &str) {
+    let keep: Vec<&str> = SQL_PROJECTORS
+        .iter()
+        .copied()
+        .filter(|p| !names.contains(p))
+        .collect();
+    example_only(db, &keep, extra);
+}
+
+/// The example's four SQL projectors.
+pub fn example(db: &TestDb) {
+    example_only(db, &SQL_PROJECTORS, "");
+}
