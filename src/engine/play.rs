@@ -123,10 +123,9 @@ pub async fn play(
         }
         metrics.set_owned(workers.len());
         control = Some(client);
-        let mut wake = wake_rx.clone();
+        // Supervision runs every poll; new events wake the workers, not this loop.
         tokio::select! {
             _ = tokio::time::sleep(opts.poll) => {}
-            _ = wake.changed() => {}
             _ = shutdown.cancelled() => {}
         }
     }
