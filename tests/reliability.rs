@@ -228,3 +228,94 @@ async fn a_statement_timeout_in_a_handler_is_a_handler_failure_with_a_clear_mess
     assert_eq!(db.ledger("slow").await.unwrap(), ("broken".into(), 6));
     assert_eq!(db.count("SELECT count(*) FROM slow").await, 6);
 }
+
+/// Waits until `cond` holds on the ledger, failing after 30 s.
+async fn wait_for(db: &TestDb, name: &str, cond: impl Fn(&(String, i64)) -> bool) {
+    let deadline = std::time::Instant::now() + std::time::Duration::from_secs(30);
+    loop {
+        if db.ledger(name).await.as_ref().is_some_and(&cond) {
+            return;
+        }
+        assert!(
+            std::time::Instant::now() < deadline,
+            "timed out waiting for {name}"
+        );
+        tokio::time::sleep(std::time::Duration::from_millis(10)).await;
+    }
+}
+
+#[tokio::test]
+async fn sigkill_during_a_reset_replay_then_boot_finishes_it_exactly_once() {
+    let db = TestDb::new().await;
+    things(
+        &db,
+        60_000,
+        "[projectors.counter]\ntables = [\"seen\"]\nreset = \"TRUNCATE seen; UPDATE counter SET n = 0\"\non.Thing = [\"UPDATE counter SET n = n + 1\", \"INSERT INTO seen (id) VALUES (:position)\"]\n",
+    )
+    .await;
+    db.run(&["boot"]).expect(0);
+    let mut child = db
+        .command(&["reset", "counter", "--yes", "-q"])
+        .spawn()
+        .unwrap();
+    wait_for(&db, "counter", |(s, p)| s == "booting" && *p > 5_000).await;
+    child.kill().unwrap();
+    child.wait().unwrap();
+    // The reset committed (tables emptied, position at the start); boot finishes the replay.
+    db.run(&["boot"]).expect(0);
+    assert_eq!(
+        db.ledger("counter").await.unwrap(),
+        ("live".into(), 150_000)
+    );
+    assert_eq!(db.count("SELECT n FROM counter").await, 150_000);
+    assert_eq!(db.count("SELECT count(*) FROM seen").await, 150_000);
+}
+
+#[tokio::test]
+async fn sigkill_during_migrate_then_migrate_applies_each_migration_once() {
+    let db = TestDb::empty().await;
+    let dir = db.dir.path().join("migrations");
+    std::fs::create_dir_all(&dir).unwrap();
+    std::fs::write(dir.join("V1__first.sql"), "CREATE TABLE first (id int);").unwrap();
+    std::fs::write(
+        dir.join("V2__slow.sql"),
+        "CREATE TABLE slow (id int); INSERT INTO slow VALUES (1); SELECT pg_sleep(3);",
+    )
+    .unwrap();
+    let mut child = db
+        .command(&["migrate", "--dir", dir.to_str().unwrap()])
+        .stdout(std::process::Stdio::null())
+        .spawn()
+        .unwrap();
+    // Kill it while V2 runs: V1 committed, V2 not.
+    let c = db.client().await;
+    let deadline = std::time::Instant::now() + std::time::Duration::from_secs(20);
+    loop {
+        let running: i64 = c
+            .query_one("SELECT count(*) FROM pg_stat_activity WHERE query LIKE '%pg_sleep(3)%' AND pid <> pg_backend_pid()", &[])
+            .await
+            .unwrap()
+            .get(0);
+        if running > 0 {
+            break;
+        }
+        assert!(std::time::Instant::now() < deadline, "V2 never started");
+        tokio::time::sleep(std::time::Duration::from_millis(20)).await;
+    }
+    child.kill().unwrap();
+    child.wait().unwrap();
+    let run = db.run(&["migrate", "--dir", dir.to_str().unwrap()]);
+    run.expect(0);
+    assert!(run.stdout.contains("V2__slow"), "{}", run.stdout);
+    assert!(
+        !run.stdout.contains("V1__first"),
+        "V1 was applied before the kill: {}",
+        run.stdout
+    );
+    assert_eq!(db.count("SELECT count(*) FROM slow").await, 1);
+    assert_eq!(
+        db.count("SELECT count(*) FROM refinery_schema_history")
+            .await,
+        2
+    );
+}
