@@ -337,7 +337,16 @@ impl Worker {
             let head = self.shape.safe_head(&client, pos, &mut holes).await?;
             let bound = self.after_bound(&client, head.position).await?;
             if bound <= pos {
-                self.idle().await;
+                if bound < head.visible {
+                    // Held back (a running transaction, or an `after` projector):
+                    // what releases it notifies nobody, so look again soon.
+                    tokio::select! {
+                        _ = tokio::time::sleep(self.opts.poll.min(Duration::from_millis(100))) => {}
+                        _ = self.shutdown.cancelled() => {}
+                    }
+                } else {
+                    self.idle().await;
+                }
                 continue;
             }
             let end = self

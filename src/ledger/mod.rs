@@ -492,6 +492,7 @@ impl Locks {
                 "SELECT a.pid, coalesce(nullif(a.application_name, ''), 'unknown'), a.client_addr::text, a.backend_start \
                  FROM pg_locks l JOIN pg_stat_activity a ON a.pid = l.pid \
                  WHERE l.locktype = 'advisory' AND l.granted AND l.objsubid = 2 \
+                   AND l.database = (SELECT oid FROM pg_database WHERE datname = current_database()) \
                    AND l.classid::bigint = (hashtext($1)::bigint & 4294967295) \
                    AND l.objid::bigint = (hashtext($2)::bigint & 4294967295) \
                  LIMIT 1",

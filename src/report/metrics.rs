@@ -167,12 +167,20 @@ impl Metrics {
     }
 }
 
-/// Serves `GET /metrics` on `addr` until `shutdown`.
+/// Binds `addr` for [`serve`], so a taken port fails at once.
+pub async fn bind(addr: SocketAddr) -> Result<tokio::net::TcpListener> {
+    tokio::net::TcpListener::bind(addr)
+        .await
+        .with_context(|| format!("listening on {addr} for --metrics"))
+}
+
+/// Serves `GET /metrics` on the bound listener until `shutdown`.
 pub async fn serve(
-    addr: SocketAddr,
+    listener: tokio::net::TcpListener,
     metrics: Arc<Metrics>,
     shutdown: CancellationToken,
 ) -> Result<()> {
+    let addr = listener.local_addr()?;
     let app = axum::Router::new().route(
         "/metrics",
         axum::routing::get(move || {
@@ -188,9 +196,6 @@ pub async fn serve(
             }
         }),
     );
-    let listener = tokio::net::TcpListener::bind(addr)
-        .await
-        .with_context(|| format!("listening on {addr} for --metrics"))?;
     tracing::info!("metrics on http://{addr}/metrics");
     axum::serve(listener, app)
         .with_graceful_shutdown(async move { shutdown.cancelled().await })

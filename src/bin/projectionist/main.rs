@@ -162,11 +162,12 @@ async fn run(cli: Cli) -> Result<ExitStatus> {
             if let Some(addr) = args.metrics {
                 let (m, s) = (metrics.clone(), shutdown.clone());
                 // Bind now, so a taken port fails play at once.
-                let listener = tokio::spawn(report::metrics::serve(addr, m, s));
-                tokio::task::yield_now().await;
-                if listener.is_finished() {
-                    listener.await??;
-                }
+                let listener = report::metrics::bind(addr).await?;
+                tokio::spawn(async move {
+                    if let Err(e) = report::metrics::serve(listener, m, s).await {
+                        tracing::error!("metrics: {}", projectionist::error::render(&e));
+                    }
+                });
             }
             let opts = engine::play::PlayOptions {
                 poll: args.poll,
