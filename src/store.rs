@@ -91,17 +91,6 @@ pub struct StoreShape {
     time_has_zone: bool,
 }
 
-/// One event as read from the store.
-#[derive(Clone, Debug, PartialEq)]
-pub struct Event {
-    pub position: Position,
-    pub event_type: String,
-    pub stream: Option<String>,
-    pub time: Option<DateTime<Utc>>,
-    pub data: serde_json::Value,
-    pub metadata: Option<serde_json::Value>,
-}
-
 /// Where a reader must stop for now, and why.
 #[derive(Clone, Debug)]
 pub struct SafeHead {
@@ -679,43 +668,6 @@ impl StoreShape {
                     r.get(2),
                     r.get(3),
                 ))
-            })
-            .collect()
-    }
-
-    /// Reads the events in (after, upto], at most `limit`, in order, of the given types.
-    /// Callers page through a store with constant memory by passing the last position back.
-    pub async fn read_events(
-        &self,
-        client: &Client,
-        after: Position,
-        upto: Position,
-        types: Option<&[String]>,
-        limit: i64,
-    ) -> Result<Vec<Event>> {
-        let (cond, order) = self.range("$1::text::xid8", "$2", "$3::text::xid8", "$4");
-        let sql = format!(
-            "SELECT {} FROM {} e WHERE {cond} AND {} ORDER BY {order} LIMIT $5",
-            self.select_list(),
-            self.table,
-            self.type_filter(types)
-        );
-        let after_tx = after.tx_text().unwrap_or_else(|| "0".into());
-        let upto_tx = upto.tx_text();
-        let rows = client
-            .query(&sql, &[&after_tx, &after.id, &upto_tx, &upto.id, &limit])
-            .await
-            .context("reading events")?;
-        rows.into_iter()
-            .map(|r| {
-                Ok(Event {
-                    position: Position::from_parts(r.get::<_, Option<String>>(6), r.get(0))?,
-                    event_type: r.get(1),
-                    stream: r.get(2),
-                    time: r.get(3),
-                    data: r.get(4),
-                    metadata: r.get(5),
-                })
             })
             .collect()
     }

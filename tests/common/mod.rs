@@ -5,7 +5,7 @@
 #![allow(dead_code)]
 
 use std::hash::{Hash, Hasher};
-use std::path::{Path, PathBuf};
+use std::path::PathBuf;
 use std::process::{Command, Output, Stdio};
 use std::sync::atomic::{AtomicU32, Ordering};
 
@@ -341,10 +341,6 @@ impl Run {
         );
         self
     }
-}
-
-pub fn path(p: &str) -> &Path {
-    Path::new(p)
 }
 
 /// The `[store]` of the small "Thing" stores the tests build.
