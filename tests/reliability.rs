@@ -265,10 +265,10 @@ async fn sigkill_during_a_reset_replay_then_boot_finishes_it_exactly_once() {
     db.run(&["boot"]).expect(0);
     assert_eq!(
         db.ledger("counter").await.unwrap(),
-        ("live".into(), 150_000)
+        ("live".into(), 60_000)
     );
-    assert_eq!(db.count("SELECT n FROM counter").await, 150_000);
-    assert_eq!(db.count("SELECT count(*) FROM seen").await, 150_000);
+    assert_eq!(db.count("SELECT n FROM counter").await, 60_000);
+    assert_eq!(db.count("SELECT count(*) FROM seen").await, 60_000);
 }
 
 #[tokio::test]
