@@ -83,6 +83,8 @@ struct Process {
     stdin: BufWriter<ChildStdin>,
     replies: mpsc::UnboundedReceiver<Reply>,
     stderr: Arc<Mutex<VecDeque<String>>>,
+    /// Ends when the child's stderr closes: awaited so the tail is complete.
+    stderr_done: tokio::task::JoinHandle<()>,
 }
 
 /// The end of one delivered batch.
@@ -147,7 +149,7 @@ impl CommandRunner {
         let tail = stderr.clone();
         let name = self.name.clone();
         let mut err_lines = BufReader::new(child.stderr.take().expect("piped")).lines();
-        tokio::spawn(async move {
+        let stderr_done = tokio::spawn(async move {
             while let Ok(Some(line)) = err_lines.next_line().await {
                 // The child's logs, passed on (and kept for the error report).
                 tracing::info!("{name}: {line}");
@@ -163,6 +165,7 @@ impl CommandRunner {
             stdin,
             replies,
             stderr,
+            stderr_done,
         })
     }
 
@@ -339,6 +342,8 @@ impl CommandRunner {
             {
                 why = format!("it exited with {status}");
             }
+            // Every line it wrote before exiting is in the tail once its stderr closes.
+            let _ = tokio::time::timeout(Duration::from_secs(2), &mut p.stderr_done).await;
             let tail = p.stderr.lock().unwrap();
             if !tail.is_empty() {
                 stderr_tail = format!(
