@@ -263,10 +263,7 @@ async fn sigkill_during_a_reset_replay_then_boot_finishes_it_exactly_once() {
     child.wait().unwrap();
     // The reset committed (tables emptied, position at the start); boot finishes the replay.
     db.run(&["boot"]).expect(0);
-    assert_eq!(
-        db.ledger("counter").await.unwrap(),
-        ("live".into(), 60_000)
-    );
+    assert_eq!(db.ledger("counter").await.unwrap(), ("live".into(), 60_000));
     assert_eq!(db.count("SELECT n FROM counter").await, 60_000);
     assert_eq!(db.count("SELECT count(*) FROM seen").await, 60_000);
 }
