@@ -806,6 +806,26 @@ mod tests {
     }
 
     #[test]
+    fn unicode_and_very_long_names_are_refused_with_their_place() {
+        let long = "a".repeat(200);
+        let err = parse_str(&format!(
+            "{STORE}[projectors.\"bänd\"]\non.A = \"SELECT 1\"\n[projectors.{long}]\non.A = \"SELECT 1\"\n[projectors.ok]\non.\"Évènement 🎻\" = \"INSERT INTO t VALUES (:data.nämé)\"\n"
+        ))
+        .unwrap_err();
+        let text = err.to_string();
+        assert!(
+            text.contains("projector name `bänd` is not valid"),
+            "{text}"
+        );
+        assert!(
+            text.contains(&format!("projector name `{long}` is not valid")),
+            "{text}"
+        );
+        // A unicode event type is fine; a path segment outside [A-Za-z0-9_] ends the placeholder.
+        assert_eq!(err.problems.len(), 2, "{text}");
+    }
+
+    #[test]
     fn wrong_types_and_bad_names() {
         let err = parse_str(&format!(
             "{STORE}[projectors.Bad-Name]\nside_effects = \"yes\"\nversion = 0\non.A = 5\n"
