@@ -316,3 +316,68 @@ async fn sigkill_during_migrate_then_migrate_applies_each_migration_once() {
         2
     );
 }
+
+#[tokio::test]
+async fn a_lock_timeout_in_a_handler_is_a_handler_failure() {
+    let db = TestDb::new().await;
+    things(
+        &db,
+        10,
+        "[projectors.locked]\ntables = [\"seen\"]\non.Thing = [\"UPDATE counter SET n = n + 1\", \"INSERT INTO seen (id) VALUES (:position)\"]\n",
+    )
+    .await;
+    // A row lock: validation (which prepares) goes through, the handler's UPDATE waits.
+    let holder = db.client().await;
+    holder
+        .batch_execute("BEGIN; SELECT * FROM counter FOR UPDATE")
+        .await
+        .unwrap();
+    let url = format!("{}?options=-c%20lock_timeout%3D300", db.url);
+    let run = Run::from(
+        db.command(&["boot"])
+            .env("DATABASE_URL", url)
+            .output()
+            .unwrap(),
+    );
+    run.expect(1);
+    assert!(
+        run.stderr.contains("broke at event #1 (Thing"),
+        "{}",
+        run.stderr
+    );
+    assert!(run.stderr.contains("lock timeout"), "{}", run.stderr);
+    holder.batch_execute("ROLLBACK").await.unwrap();
+    db.run(&["boot"]).expect(0);
+    assert_eq!(db.count("SELECT count(*) FROM seen").await, 10);
+}
+
+#[tokio::test]
+async fn sigkill_during_the_alert_command_loses_nothing() {
+    let db = TestDb::new().await;
+    things(
+        &db,
+        1_000,
+        "[alert]\ncommand = [\"sh\", \"-c\", \"touch alert-started; sleep 30\"]\n\
+         [projectors.fragile]\ntables = [\"thing_log\"]\non.Thing = \"INSERT INTO thing_log (id, v) VALUES (:position, 100 / (:position - 500))\"\n",
+    )
+    .await;
+    let mut child = db.command(&["boot", "-q"]).spawn().unwrap();
+    let started = db.dir.path().join("alert-started");
+    let deadline = std::time::Instant::now() + std::time::Duration::from_secs(30);
+    while !started.exists() {
+        assert!(std::time::Instant::now() < deadline, "the alert never ran");
+        tokio::time::sleep(std::time::Duration::from_millis(20)).await;
+    }
+    child.kill().unwrap();
+    child.wait().unwrap();
+    // The failure was committed before the alert ran.
+    assert_eq!(db.ledger("fragile").await.unwrap(), ("broken".into(), 499));
+    let manifest = std::fs::read_to_string(db.manifest_path()).unwrap();
+    db.write_manifest(
+        &manifest
+            .replace("100 / (:position - 500)", "1")
+            .replace("sleep 30", "true"),
+    );
+    db.run(&["boot"]).expect(0);
+    assert_eq!(db.count("SELECT count(*) FROM thing_log").await, 1_000);
+}
