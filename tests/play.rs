@@ -18,9 +18,6 @@ use tokio_postgres::Client;
 // ---------------------------------------------------------------------------
 // Harness
 
-const STORE: &str = "[store]\ntable = \"events\"\nposition = \"id\"\ntype = \"name\"\ndata = \"data\"\n\
-                     stream = \"aggregate_id\"\ntime = \"tstamp\"\ntransaction = \"tx\"\n";
-
 /// Creates `tables`, writes a manifest of the example store (with the NOTIFY
 /// channel when `notify`) and `projectors`, and returns a client.
 async fn setup(db: &TestDb, notify: bool, tables: &str, projectors: &str) -> Client {
@@ -29,7 +26,7 @@ async fn setup(db: &TestDb, notify: bool, tables: &str, projectors: &str) -> Cli
         c.batch_execute(tables).await.unwrap();
     }
     db.write_manifest(&format!(
-        "{STORE}{}\n{projectors}",
+        "{THINGS_STORE}{}\n{projectors}",
         if notify { "notify = \"events\"\n" } else { "" }
     ));
     c
@@ -400,7 +397,7 @@ async fn notify_wakes_play_within_a_second_and_without_notify_the_poll_does() {
     play.stop();
 
     // Without notify: the poll finds it.
-    db.write_manifest(&format!("{STORE}\n{projectors}"));
+    db.write_manifest(&format!("{THINGS_STORE}\n{projectors}"));
     let mut play = Player::start(&db, "poll", &["--poll", "200ms"]);
     wait_for("play to own near_logger", PATIENCE, &[&play], async || {
         owned_by(&c, &play).await == ["near_logger"]
