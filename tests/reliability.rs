@@ -211,13 +211,7 @@ async fn a_statement_timeout_in_a_handler_is_a_handler_failure_with_a_clear_mess
     db.write_manifest(&format!(
         "{THINGS_STORE}\n[projectors.slow]\ntables = [\"slow\"]\non.Thing = [\"SELECT CASE WHEN :position = 7 THEN pg_sleep(5) END\", \"INSERT INTO slow VALUES (:position)\"]\n"
     ));
-    let url = format!("{}?options=-c%20statement_timeout%3D1000", db.url);
-    let run = Run::from(
-        db.command(&["boot"])
-            .env("DATABASE_URL", url)
-            .output()
-            .unwrap(),
-    );
+    let run = boot_with_server_option(&db, "statement_timeout%3D1000");
     run.expect(1);
     assert!(
         run.stderr.contains("broke at event #7 (Thing"),
@@ -332,13 +326,7 @@ async fn a_lock_timeout_in_a_handler_is_a_handler_failure() {
         .batch_execute("BEGIN; SELECT * FROM counter FOR UPDATE")
         .await
         .unwrap();
-    let url = format!("{}?options=-c%20lock_timeout%3D300", db.url);
-    let run = Run::from(
-        db.command(&["boot"])
-            .env("DATABASE_URL", url)
-            .output()
-            .unwrap(),
-    );
+    let run = boot_with_server_option(&db, "lock_timeout%3D300");
     run.expect(1);
     assert!(
         run.stderr.contains("broke at event #1 (Thing"),
@@ -380,4 +368,15 @@ async fn sigkill_during_the_alert_command_loses_nothing() {
     );
     db.run(&["boot"]).expect(0);
     assert_eq!(db.count("SELECT count(*) FROM thing_log").await, 1_000);
+}
+
+/// `boot` with a server setting passed in the URL (`options=-c name%3Dvalue`).
+fn boot_with_server_option(db: &TestDb, setting: &str) -> Run {
+    let url = format!("{}?options=-c%20{setting}", db.url);
+    Run::from(
+        db.command(&["boot"])
+            .env("DATABASE_URL", url)
+            .output()
+            .unwrap(),
+    )
 }
