@@ -1,12 +1,17 @@
-//! The failures that decide the process exit code, and how an error chain is
-//! shown to a person (database errors whole: message, detail, hint, position).
+//! The failures that decide the process exit code, how an error chain is
+//! shown to a person (database errors whole: message, detail, hint,
+//! position), and which database errors are worth retrying.
 //!
 //! The engine returns `anyhow::Error`; a [`Failure`] somewhere in its chain
-//! picks the exit code of PRODUCT.md. Anything else is a plain failure (1).
+//! picks the exit code. A lost connection, or a server that shuts down,
+//! refuses or cannot be reached, is exit 3 wherever it happens. Anything else
+//! is a plain failure (1).
 
 use std::fmt::Write as _;
 
-/// Exit codes of PRODUCT.md.
+use tokio_postgres::error::SqlState;
+
+/// The process exit codes.
 #[derive(Clone, Copy, Debug, PartialEq, Eq)]
 pub enum ExitStatus {
     Success = 0,
@@ -14,7 +19,7 @@ pub enum ExitStatus {
     Unhealthy = 1,
     /// Bad usage or manifest; nothing was changed.
     Usage = 2,
-    /// The database is unreachable or refused the connection.
+    /// The database is unreachable, was lost, or refused the connection.
     Unreachable = 3,
     /// A lock is held and `--no-wait` was given (or the wait timed out).
     Locked = 4,
@@ -32,12 +37,71 @@ pub enum Failure {
     /// Bad usage, a bad manifest or a schema that does not fit it: exit 2.
     #[error("{0}")]
     Usage(String),
-    /// Could not connect: exit 3. The message names host and port, never the password.
+    /// Could not connect, or lost the database: exit 3. The message names
+    /// host and port, never the password.
     #[error("{0}")]
     Unreachable(String),
     /// A lock is held by someone else: exit 4.
     #[error("{0}")]
     Locked(String),
+}
+
+/// What kind of trouble a database error is, for retrying.
+#[derive(Clone, Copy, Debug, PartialEq, Eq)]
+pub enum Trouble {
+    /// Worth trying again soon on the same connection: a deadlock, a
+    /// serialization failure, a statement cancelled from outside.
+    Transient,
+    /// The connection is gone or the server is going away: reconnect (play)
+    /// or exit 3 (every other command).
+    Connection,
+    /// Anything else.
+    Other,
+}
+
+/// Classifies an error chain.
+pub fn trouble(err: &anyhow::Error) -> Trouble {
+    for cause in err.chain() {
+        if let Some(Failure::Unreachable(_)) = cause.downcast_ref::<Failure>() {
+            return Trouble::Connection;
+        }
+        if let Some(pg) = cause.downcast_ref::<tokio_postgres::Error>() {
+            if pg.is_closed() {
+                return Trouble::Connection;
+            }
+            match pg.code() {
+                Some(code) => return classify_sqlstate(code),
+                // No SQLSTATE: an I/O error on the socket, or a closed connection.
+                None if pg.as_db_error().is_none() => return Trouble::Connection,
+                None => {}
+            }
+        }
+        if cause.downcast_ref::<std::io::Error>().is_some() {
+            return Trouble::Connection;
+        }
+    }
+    Trouble::Other
+}
+
+fn classify_sqlstate(code: &SqlState) -> Trouble {
+    let c = code.code();
+    if c.starts_with("08") // connection exception
+        || *code == SqlState::ADMIN_SHUTDOWN
+        || *code == SqlState::CRASH_SHUTDOWN
+        || *code == SqlState::CANNOT_CONNECT_NOW
+        || *code == SqlState::TOO_MANY_CONNECTIONS
+        || *code == SqlState::IDLE_SESSION_TIMEOUT
+        || *code == SqlState::IDLE_IN_TRANSACTION_SESSION_TIMEOUT
+    {
+        Trouble::Connection
+    } else if *code == SqlState::T_R_DEADLOCK_DETECTED
+        || *code == SqlState::T_R_SERIALIZATION_FAILURE
+        || *code == SqlState::QUERY_CANCELED
+    {
+        Trouble::Transient
+    } else {
+        Trouble::Other
+    }
 }
 
 /// The exit status an error asks for.
@@ -53,11 +117,9 @@ pub fn exit_status(err: &anyhow::Error) -> ExitStatus {
         if cause.is::<crate::manifest::ManifestError>() {
             return ExitStatus::Usage;
         }
-        if let Some(pg) = cause.downcast_ref::<tokio_postgres::Error>()
-            && pg.is_closed()
-        {
-            return ExitStatus::Unreachable;
-        }
+    }
+    if trouble(err) == Trouble::Connection {
+        return ExitStatus::Unreachable;
     }
     ExitStatus::Unhealthy
 }
@@ -96,5 +158,53 @@ pub fn render(err: &anyhow::Error) -> String {
             let _ = write!(out, "\n  caused by: {}", text.replace('\n', "\n    "));
         }
     }
+    if exit_status(err) == ExitStatus::Unreachable && !out.contains("next:") {
+        out.push_str(
+            "\nnext: check that the database is up and reachable, then run the command again; \
+             work committed so far is kept and resumes exactly once",
+        );
+    }
     out
+}
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+
+    #[test]
+    fn unreachable_is_a_connection_trouble_and_exit_3() {
+        let e: anyhow::Error = Failure::Unreachable("gone".into()).into();
+        assert_eq!(trouble(&e), Trouble::Connection);
+        assert_eq!(exit_status(&e), ExitStatus::Unreachable);
+        assert!(render(&e).contains("next:"));
+    }
+
+    #[test]
+    fn sqlstates_are_classified() {
+        assert_eq!(
+            classify_sqlstate(&SqlState::T_R_DEADLOCK_DETECTED),
+            Trouble::Transient
+        );
+        assert_eq!(
+            classify_sqlstate(&SqlState::ADMIN_SHUTDOWN),
+            Trouble::Connection
+        );
+        assert_eq!(
+            classify_sqlstate(&SqlState::CONNECTION_FAILURE),
+            Trouble::Connection
+        );
+        assert_eq!(
+            classify_sqlstate(&SqlState::UNIQUE_VIOLATION),
+            Trouble::Other
+        );
+    }
+
+    #[test]
+    fn usage_is_exit_2_and_other_errors_exit_1() {
+        let e: anyhow::Error = Failure::Usage("bad".into()).into();
+        assert_eq!(exit_status(&e), ExitStatus::Usage);
+        let e = anyhow::anyhow!("something else");
+        assert_eq!(exit_status(&e), ExitStatus::Unhealthy);
+        assert_eq!(trouble(&e), Trouble::Other);
+    }
 }

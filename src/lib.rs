@@ -16,6 +16,7 @@
 pub mod db;
 pub mod engine;
 pub mod error;
+pub mod failure;
 pub mod handlers;
 pub mod ledger;
 pub mod manifest;

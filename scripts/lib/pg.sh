@@ -136,6 +136,8 @@ _pg_start_throwaway() {
         bindir=$(_pg_find_bindir) || _pg_fail "PostgreSQL was installed but its server binaries were not found"
     fi
     PG_THROWAWAY_BINDIR=$bindir
+    # Tests that need a private cluster (tests/it/harness/cluster.rs) use the same binaries.
+    export PROJECTIONIST_TEST_PG_BINDIR=$bindir
     version=$("$bindir/postgres" --version | sed -E 's/.*PostgreSQL\)? *([0-9]+(\.[0-9]+)?).*/\1/')
 
     if _pg_is_root; then
@@ -224,8 +226,12 @@ pg_keep() {
 }
 
 pg_ensure() {
+    local bindir
     if [ -n "${DATABASE_URL:-}" ]; then
         _pg_ensure_psql
+        if bindir=$(_pg_find_bindir); then
+            export PROJECTIONIST_TEST_PG_BINDIR=$bindir
+        fi
         # Never echo the URL itself: it may carry a password.
         psql "$DATABASE_URL" -X -q -t -A -c 'select 1' >/dev/null ||
             _pg_fail "DATABASE_URL is set but the server does not answer (psql -c 'select 1' failed); unset it to use a throwaway cluster"

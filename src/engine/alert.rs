@@ -1,20 +1,77 @@
 //! The `[alert]` command: run with a JSON document on stdin when a projector
-//! breaks. Its own failure is reported, never fatal.
+//! breaks, or once when late events are found. Its own failure is reported,
+//! never fatal. The documents are built here, and only here.
 
 use std::process::Stdio;
 use std::time::Duration;
 
+use serde_json::{Value, json};
 use tokio::io::AsyncWriteExt;
+
+use crate::engine::Context;
+use crate::failure::HandlerFailure;
+use crate::ledger::{LateEvent, Run};
+
+/// The document of a broken projector; `stalled` (boot): the projectors
+/// stalled beside it, with their positions.
+pub fn projector_broken(
+    ctx: &Context,
+    run: Run,
+    projector: &str,
+    f: &HandlerFailure,
+    stalled: Option<Vec<(String, i64)>>,
+) -> Value {
+    let mut doc = json!({
+        "event": "projector_broken",
+        "run": run.as_str(),
+        "projector": projector,
+        "position": f.position,
+        "type": f.event_type,
+        "stream": f.stream,
+        "error": f.message,
+        "detail": f.detail,
+        "hint": f.hint,
+        "sqlstate": f.sqlstate,
+        "database": ctx.database.target(),
+        "time": chrono::Utc::now().to_rfc3339(),
+    });
+    if let Some(stalled) = stalled {
+        doc["stalled"] = stalled
+            .into_iter()
+            .map(|(name, position)| json!({"name": name, "position": position}))
+            .collect();
+    }
+    doc
+}
+
+/// The document of late events found (each alerted once).
+pub fn late_events(ctx: &Context, run: Run, late: &[LateEvent]) -> Value {
+    json!({
+        "event": "late_events",
+        "run": run.as_str(),
+        "late_events": late,
+        "error": format!(
+            "{} event(s) appeared inside holes their projectors had already passed; they were not applied: reset the projectors to apply them",
+            late.len()
+        ),
+        "database": ctx.database.target(),
+        "time": chrono::Utc::now().to_rfc3339(),
+    })
+}
+
+/// Runs the manifest's alert command, if it has one; `Err` says why it failed.
+pub async fn send(ctx: &Context, doc: &Value) -> Result<(), String> {
+    match &ctx.manifest.alert {
+        Some(command) => run(command, ctx.manifest.dir(), doc).await,
+        None => Ok(()),
+    }
+}
 
 /// How long an alert command may take before it is killed.
 const ALERT_TIMEOUT: Duration = Duration::from_secs(30);
 
 /// Runs `command` (no shell) with `doc` on stdin; `Err` says why it failed.
-pub async fn run(
-    command: &[String],
-    dir: &std::path::Path,
-    doc: &serde_json::Value,
-) -> Result<(), String> {
+async fn run(command: &[String], dir: &std::path::Path, doc: &Value) -> Result<(), String> {
     let shown = command.join(" ");
     let mut child = tokio::process::Command::new(&command[0])
         .args(&command[1..])
@@ -25,7 +82,9 @@ pub async fn run(
         .kill_on_drop(true)
         .spawn()
         .map_err(|e| format!("the alert command `{shown}` could not start: {e}"))?;
-    let mut stdin = child.stdin.take().expect("piped stdin");
+    let Some(mut stdin) = child.stdin.take() else {
+        return Err(format!("the alert command `{shown}` has no stdin"));
+    };
     let body = format!("{doc}\n");
     let write = async move {
         // A command that ignores its stdin is fine: a closed pipe is not an error here.

@@ -1,48 +1,26 @@
-//! One batch of one SQL projector, in one transaction: the handlers and the
-//! guarded position update commit together, so every event's effect lands
-//! exactly once whatever is killed when. Shared by boot, reset and play.
+//! One batch of one projector, in one transaction: the handlers (or the
+//! command's acknowledgements), the passed holes and the guarded position
+//! update commit together, so every event's effect lands exactly once
+//! whatever is killed when. Shared by boot, reset and play.
+//!
+//! A batch starts by locking the projector's ledger row and checking it is
+//! still the one this runner plays (its version, its state, its position):
+//! a runner left over from an older deploy, or one that lost a race, leaves
+//! the projector alone instead of writing into it.
 
 use anyhow::{Context as _, Result};
-use tokio_postgres::Client;
+use chrono::{DateTime, Utc};
+use tokio_postgres::{Client, Transaction};
 
 use crate::engine::Context;
-use crate::handlers::command::{CommandRunner, Delivery};
-use crate::handlers::sql::{BatchOutcome, CompiledProjector, HandlerFailure};
-use crate::ledger::FailureKind;
+use crate::error::{Trouble, trouble};
+use crate::failure::HandlerFailure;
+use crate::handlers::Runner;
+use crate::handlers::command::Delivery;
+use crate::handlers::sql::{BatchOutcome, CompiledProjector};
+use crate::ledger::{Advance, FailureKind, LockKey, Run, State};
 use crate::manifest::Projector;
-use crate::store::{Position, StoreShape};
-
-/// What runs a projector's events: its compiled SQL handlers, or its command.
-pub enum Runner {
-    Sql(CompiledProjector),
-    Command(Box<CommandRunner>),
-}
-
-impl Runner {
-    /// Prepares a projector on this connection (SQL: installs its function).
-    pub async fn new(
-        ctx: &Context,
-        shape: &StoreShape,
-        p: &Projector,
-        client: &Client,
-        run: &'static str,
-    ) -> Result<Runner> {
-        if p.command.is_some() {
-            let command = CommandRunner::new(p, run, ctx.manifest.dir());
-            return Ok(Runner::Command(Box::new(command)));
-        }
-        let compiled = CompiledProjector::compile(shape, p);
-        compiled.install(client).await?;
-        Ok(Runner::Sql(compiled))
-    }
-
-    /// The end of a run: a command's stdin is closed.
-    pub async fn finish(&mut self) {
-        if let Runner::Command(c) = self {
-            c.finish().await;
-        }
-    }
-}
+use crate::store::{Gaps, Position, StoreShape};
 
 /// What to do when a handler fails.
 #[derive(Clone, Copy, Debug, PartialEq, Eq)]
@@ -57,6 +35,7 @@ pub enum OnFailure {
     Retry,
 }
 
+/// What a batch did.
 #[derive(Debug)]
 pub enum Batch {
     /// Every event up to the batch's end was projected; `handled` of them had handlers.
@@ -68,168 +47,282 @@ pub enum Batch {
         handled: i64,
         failure: Box<HandlerFailure>,
     },
+    /// Not now: a boot or a reset holds the projector.
+    Locked,
+    /// The ledger row is no longer what this runner plays: leave it alone.
+    Stale(String),
 }
 
-/// Runs (from, to] for projector `name`; `run` names the command in the failures table.
-#[allow(clippy::too_many_arguments)]
-pub async fn run(
-    ctx: &Context,
-    shape: &StoreShape,
-    client: &mut Client,
-    runner: &mut Runner,
-    name: &str,
-    from: Position,
-    to: Position,
-    run: &str,
+/// The events a batch plays: (from, to], and the holes it passes.
+#[derive(Clone, Copy, Debug)]
+pub struct Range<'g> {
+    pub from: Position,
+    pub to: Position,
+    pub gaps: &'g Gaps,
+}
+
+/// A projector being played by one run: what every batch of it needs.
+pub struct Player<'a> {
+    pub ctx: &'a Context,
+    pub shape: &'a StoreShape,
+    pub projector: &'a Projector,
+    pub run: Run,
+    /// The state the ledger row must be in (play: live; boot and reset: booting).
+    pub state: State,
+    /// Take the projector's lock for each batch (play). Boot and reset hold it
+    /// for their whole run.
+    pub lock_each_batch: bool,
+}
+
+/// A batch in its transaction.
+struct Open<'t, 'g> {
+    tx: Transaction<'t>,
+    range: Range<'g>,
+    /// The time of the event at the batch's end.
+    time: Option<DateTime<Utc>>,
     on_failure: OnFailure,
-    projector_lock: Option<&str>,
-) -> Result<Option<Batch>> {
-    let time = shape.time_at(client, to).await?;
-    let tx = client.transaction().await?;
-    if let Some(key) = projector_lock
-        && !ctx.locks.try_xact_lock(&tx, key).await?
-    {
-        // Held by a boot or reset: not now.
-        return Ok(None);
-    }
-    let compiled = match runner {
-        Runner::Sql(c) => c,
-        Runner::Command(c) => {
-            let delivery = c.deliver(shape, &tx, from, to).await?;
-            return finish_delivery(
-                ctx, shape, tx, name, from, to, time, delivery, run, on_failure,
-            )
-            .await;
+}
+
+impl Player<'_> {
+    /// Runs one batch.
+    pub async fn batch(
+        &self,
+        client: &mut Client,
+        runner: &mut Runner,
+        range: Range<'_>,
+        on_failure: OnFailure,
+    ) -> Result<Batch> {
+        let time = self.shape.time_at(client, range.to).await?;
+        let tx = client.transaction().await?;
+        if self.lock_each_batch
+            && !self
+                .ctx
+                .locks
+                .try_xact_lock(&tx, LockKey::Projector(&self.projector.name))
+                .await?
+        {
+            return Ok(Batch::Locked);
         }
-    };
-    match compiled.run(&tx, from, to).await? {
-        BatchOutcome::Done { handled } => {
-            ctx.ledger
-                .advance(&tx, name, from, to, time, handled)
-                .await?;
-            tx.commit().await.context("committing a batch")?;
-            Ok(Some(Batch::Done { handled }))
+        if let Some(why) = self.stale(&tx, range.from).await? {
+            return Ok(Batch::Stale(why));
         }
-        BatchOutcome::Failed { last_ok, failure } => {
-            // Keep everything before the failing event: replay the batch up to the event before it.
-            let mut kept = from;
-            let mut handled = 0;
-            let before = shape.predecessor(&tx, from, failure.at()).await?;
-            if before > from {
-                let n = match last_ok {
-                    Some(_) => match compiled.run(&tx, from, before).await? {
-                        BatchOutcome::Done { handled } => handled,
-                        BatchOutcome::Failed {
-                            failure: mut again, ..
-                        } => {
-                            // Not deterministic (a plan change, a volatile function): break at the
-                            // earlier failure, keeping nothing of this batch.
-                            again.message = format!(
-                                "{} (it failed at #{} first, then at #{} when the events before were replayed: the handler is not deterministic)",
-                                again.message, failure.position, again.position
-                            );
-                            record(ctx, shape, &tx, name, run, on_failure, &again, &mut kept)
-                                .await?;
-                            tx.commit().await.context("recording the failure")?;
-                            return Ok(Some(Batch::Failed {
-                                kept,
-                                handled: 0,
-                                failure: again,
-                            }));
-                        }
-                    },
-                    None => 0,
-                };
-                let time = shape.time_at(&tx, before).await?;
-                ctx.ledger.advance(&tx, name, from, before, time, n).await?;
-                kept = before;
-                handled = n;
+        let open = Open {
+            tx,
+            range,
+            time,
+            on_failure,
+        };
+        match runner {
+            Runner::Sql(compiled) => {
+                let outcome = compiled
+                    .run(self.shape, &open.tx, range.from, range.to)
+                    .await?;
+                match outcome {
+                    BatchOutcome::Done { handled } => {
+                        self.commit(open, range.to, handled).await?;
+                        Ok(Batch::Done { handled })
+                    }
+                    BatchOutcome::Failed { last_ok, failure } => {
+                        self.keep_before(open, compiled, last_ok, failure).await
+                    }
+                }
             }
-            record(ctx, shape, &tx, name, run, on_failure, &failure, &mut kept).await?;
-            tx.commit().await.context("recording the failure")?;
-            Ok(Some(Batch::Failed {
-                kept,
-                handled,
-                failure,
-            }))
+            Runner::Command(command) => {
+                let delivery = command
+                    .deliver(self.shape, &open.tx, range.from, range.to)
+                    .await?;
+                self.finish_delivery(open, delivery).await
+            }
         }
     }
-}
 
-/// Records a failure by the policy; with Skip moves `kept` past the failing event.
-#[allow(clippy::too_many_arguments)]
-async fn record(
-    ctx: &Context,
-    shape: &StoreShape,
-    tx: &tokio_postgres::Transaction<'_>,
-    name: &str,
-    run: &str,
-    on_failure: OnFailure,
-    failure: &HandlerFailure,
-    kept: &mut Position,
-) -> Result<()> {
-    match on_failure {
-        OnFailure::Break => {
-            ctx.ledger
-                .record_failure(tx, name, run, failure, FailureKind::Broken)
-                .await?
+    /// [`batch`](Self::batch), tried again with backoff (up to `attempts`
+    /// times) while the database says the trouble is transient (a deadlock,
+    /// a serialization failure, a statement cancelled from outside): such a
+    /// failure is never the handler's, and is never recorded as one.
+    pub async fn batch_retrying(
+        &self,
+        client: &mut Client,
+        runner: &mut Runner,
+        range: Range<'_>,
+        on_failure: OnFailure,
+        attempts: u32,
+    ) -> Result<Batch> {
+        let mut wait = std::time::Duration::from_millis(500);
+        let mut attempt = 1;
+        loop {
+            match self.batch(client, runner, range, on_failure).await {
+                Err(e) if attempt < attempts && trouble(&e) == Trouble::Transient => {
+                    tracing::warn!(
+                        "projector `{}`: {}; trying the batch again in {} (attempt {attempt} of {attempts})",
+                        self.projector.name,
+                        crate::error::render(&e).lines().next().unwrap_or_default(),
+                        humantime::format_duration(wait)
+                    );
+                    tokio::time::sleep(wait).await;
+                    wait *= 2;
+                    attempt += 1;
+                }
+                other => return other,
+            }
         }
-        OnFailure::Retry => {
-            ctx.ledger
-                .record_failure(tx, name, run, failure, FailureKind::Retried)
-                .await?
+    }
+
+    /// Why the row is not this runner's to play any more, if it is not.
+    async fn stale(&self, tx: &Transaction<'_>, from: Position) -> Result<Option<String>> {
+        let p = self.projector;
+        let Some(row) = self.ctx.ledger.lock_row(tx, &p.name).await? else {
+            return Ok(Some("its ledger row is gone".into()));
+        };
+        Ok(if row.version != p.version {
+            Some(format!(
+                "it is at version {} in the ledger, and this run plays version {}",
+                row.version, p.version
+            ))
+        } else if row.state != self.state {
+            Some(format!("it is {} now", row.state.as_str()))
+        } else if row.position != from {
+            Some(format!(
+                "its position moved from {from} to {} (another runner played it)",
+                row.position
+            ))
+        } else {
+            None
+        })
+    }
+
+    fn advance(&self, from: Position, to: Position, handled: i64) -> Advance<'_> {
+        Advance {
+            name: &self.projector.name,
+            version: self.projector.version,
+            from,
+            to,
+            event_time: None,
+            handled,
         }
-        OnFailure::Skip => {
-            ctx.ledger
-                .record_failure(tx, name, run, failure, FailureKind::DeadLetter)
-                .await?;
+    }
+
+    /// Commits the batch up to `to` (its end, or before a failure), with the
+    /// holes passed on the way.
+    async fn commit(&self, open: Open<'_, '_>, to: Position, handled: i64) -> Result<()> {
+        self.move_to(&open, to, handled).await?;
+        open.tx.commit().await.context("committing a batch")
+    }
+
+    async fn move_to(&self, open: &Open<'_, '_>, to: Position, handled: i64) -> Result<()> {
+        let name = &self.projector.name;
+        self.ctx
+            .ledger
+            .record_holes(&open.tx, name, open.range.gaps, to)
+            .await?;
+        let time = if to == open.range.to {
+            open.time
+        } else {
+            self.shape.time_at(&open.tx, to).await?
+        };
+        let advance = Advance {
+            event_time: time,
+            ..self.advance(open.range.from, to, handled)
+        };
+        self.ctx.ledger.advance(&open.tx, &advance).await
+    }
+
+    /// A handler failed: keep every event before the failing one (the batch
+    /// runs again up to it), record the failure by the policy, commit.
+    async fn keep_before(
+        &self,
+        open: Open<'_, '_>,
+        compiled: &CompiledProjector,
+        last_ok: Option<Position>,
+        failure: Box<HandlerFailure>,
+    ) -> Result<Batch> {
+        let from = open.range.from;
+        let before = self.shape.predecessor(&open.tx, from, failure.at()).await?;
+        if before <= from {
+            return self.record(open, from, 0, failure).await;
+        }
+        let handled = match last_ok {
+            None => 0,
+            Some(_) => match compiled.run(self.shape, &open.tx, from, before).await? {
+                BatchOutcome::Done { handled } => handled,
+                BatchOutcome::Failed {
+                    failure: mut again, ..
+                } => {
+                    // Not deterministic (a plan change, a volatile function): break at the
+                    // earlier failure, keeping nothing of this batch.
+                    again.message = format!(
+                        "{} (it failed at #{} first, then at #{} when the events before were replayed: the handler is not deterministic)",
+                        again.message, failure.position, again.position
+                    );
+                    return self.record(open, from, 0, again).await;
+                }
+            },
+        };
+        self.move_to(&open, before, handled).await?;
+        self.record(open, before, handled, failure).await
+    }
+
+    /// Records a failure by the policy (with Skip, moves past the failing
+    /// event) and commits.
+    async fn record(
+        &self,
+        open: Open<'_, '_>,
+        kept: Position,
+        handled: i64,
+        failure: Box<HandlerFailure>,
+    ) -> Result<Batch> {
+        let name = &self.projector.name;
+        let kind = match open.on_failure {
+            OnFailure::Break => FailureKind::Broken,
+            OnFailure::Retry => FailureKind::Retried,
+            OnFailure::Skip => FailureKind::DeadLetter,
+        };
+        self.ctx
+            .ledger
+            .record_failure(&open.tx, name, self.run, &failure, kind)
+            .await?;
+        let mut kept = kept;
+        if open.on_failure == OnFailure::Skip {
             let past = failure.at();
-            let time = shape.time_at(tx, past).await?;
-            ctx.ledger.advance(tx, name, *kept, past, time, 0).await?;
-            *kept = past;
+            let time = self.shape.time_at(&open.tx, past).await?;
+            let advance = Advance {
+                event_time: time,
+                ..self.advance(kept, past, 0)
+            };
+            self.ctx.ledger.advance(&open.tx, &advance).await?;
+            kept = past;
         }
-    }
-    Ok(())
-}
-
-/// A command projector's batch: the ledger follows what the process acknowledged.
-#[allow(clippy::too_many_arguments)]
-async fn finish_delivery(
-    ctx: &Context,
-    shape: &StoreShape,
-    tx: tokio_postgres::Transaction<'_>,
-    name: &str,
-    from: Position,
-    to: Position,
-    time: Option<chrono::DateTime<chrono::Utc>>,
-    delivery: Delivery,
-    run: &str,
-    on_failure: OnFailure,
-) -> Result<Option<Batch>> {
-    match delivery {
-        Delivery::Done { sent } => {
-            ctx.ledger.advance(&tx, name, from, to, time, sent).await?;
-            tx.commit().await.context("checkpointing a batch")?;
-            Ok(Some(Batch::Done { handled: sent }))
-        }
-        Delivery::Failed {
-            acked,
-            sent,
+        open.tx.commit().await.context("recording the failure")?;
+        Ok(Batch::Failed {
+            kept,
+            handled,
             failure,
-        } => {
-            let mut kept = from;
-            if let Some(a) = acked.filter(|a| *a > from) {
-                let time = shape.time_at(&tx, a).await?;
-                ctx.ledger.advance(&tx, name, from, a, time, sent).await?;
-                kept = a;
+        })
+    }
+
+    /// A command projector's batch: the ledger follows what the process acknowledged.
+    async fn finish_delivery(&self, open: Open<'_, '_>, delivery: Delivery) -> Result<Batch> {
+        match delivery {
+            Delivery::Done { sent } => {
+                let to = open.range.to;
+                self.commit(open, to, sent).await?;
+                Ok(Batch::Done { handled: sent })
             }
-            record(ctx, shape, &tx, name, run, on_failure, &failure, &mut kept).await?;
-            tx.commit().await.context("recording the failure")?;
-            Ok(Some(Batch::Failed {
-                kept,
-                handled: sent,
+            Delivery::Failed {
+                acked,
+                sent,
                 failure,
-            }))
+            } => {
+                let from = open.range.from;
+                let kept = match acked.filter(|a| *a > from) {
+                    Some(a) => {
+                        self.move_to(&open, a, sent).await?;
+                        a
+                    }
+                    None => from,
+                };
+                self.record(open, kept, sent, failure).await
+            }
         }
     }
 }

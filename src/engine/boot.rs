@@ -4,8 +4,11 @@
 //! `broken` and every other unfinished one `stalled`, runs the alert, and
 //! reports.
 //!
-//! One boot runs at a time per database (an advisory lock), and each
-//! projector is held under its own lock so no runner interleaves with it.
+//! One boot runs at a time per database (an advisory lock held by the
+//! control connection, which heartbeats: if the database goes silent, boot
+//! gives up within the liveness budget and exits 3, and the server drops its
+//! sessions and locks). Each projector is held under its own lock so no
+//! runner interleaves with it.
 
 use std::collections::HashMap;
 use std::sync::Arc;
@@ -16,15 +19,16 @@ use tokio::sync::{Semaphore, watch};
 use tokio_postgres::Client;
 use tokio_util::sync::CancellationToken;
 
-use crate::db::quote_qualified;
+use crate::db::Session;
 use crate::engine::Context;
-use crate::engine::batch::{self, Batch, OnFailure, Runner};
+use crate::engine::batch::{Batch, OnFailure, Player, Range};
 use crate::error::Failure;
-use crate::handlers::sql::HandlerFailure;
-use crate::ledger::{LedgerRow, State};
-use crate::manifest::{Mode, Projector};
+use crate::failure::HandlerFailure;
+use crate::handlers::Runner;
+use crate::ledger::{LateEvent, LedgerRow, LockKey, Run, State};
+use crate::manifest::{Manifest, Mode, Projector};
 use crate::report::progress::{Progress, ProjectorProgress};
-use crate::store::{HoleTracker, Position, StoreShape};
+use crate::store::{Plan, Position, Reader, StoreShape};
 
 #[derive(Clone, Debug)]
 pub struct BootOptions {
@@ -38,8 +42,10 @@ pub struct BootOptions {
     pub batch_size: i64,
     /// How long to wait, at the end, for running transactions that hold events back.
     pub writer_wait: Duration,
-    /// The run command projectors are told about (`boot` or `reset`).
-    pub run: &'static str,
+    /// The run command projectors are told about (boot or reset).
+    pub run: Run,
+    /// New projectors to boot on top of the rows their tables already hold.
+    pub adopt: Vec<String>,
 }
 
 impl Default for BootOptions {
@@ -52,7 +58,8 @@ impl Default for BootOptions {
             lock_timeout: Some(Duration::from_secs(600)),
             batch_size: 10_000,
             writer_wait: Duration::from_secs(60),
-            run: "boot",
+            run: Run::Boot,
+            adopt: Vec::new(),
         }
     }
 }
@@ -67,6 +74,16 @@ pub enum Action {
     Resume,
     /// Its manifest version went up: reset, then replayed.
     Rebuild,
+}
+
+impl Action {
+    pub fn as_str(self) -> &'static str {
+        match self {
+            Action::New => "new",
+            Action::Resume => "resume",
+            Action::Rebuild => "rebuild",
+        }
+    }
 }
 
 /// What boot did to one projector.
@@ -99,6 +116,8 @@ pub struct BootReport {
     pub alert_error: Option<String>,
     /// Events left behind running transactions that never finished while boot waited.
     pub held_back: Option<String>,
+    /// Events that appeared inside holes the booted projectors had passed.
+    pub late_events: Vec<LateEvent>,
 }
 
 impl BootReport {
@@ -107,9 +126,18 @@ impl BootReport {
     }
 }
 
+/// A projector selected for booting, with why.
+#[derive(Clone, Debug)]
+pub struct Selected {
+    pub projector: Projector,
+    pub action: Action,
+    pub row: Option<LedgerRow>,
+}
+
 /// Committed positions of this boot's projectors, for `after`.
 struct Shared {
     abort: CancellationToken,
+    /// Each projector's committed position, and whether it has finished.
     positions: HashMap<String, watch::Sender<(Position, bool)>>,
     opts: BootOptions,
     shape: StoreShape,
@@ -123,33 +151,14 @@ enum TaskEnd {
 
 /// Boots the manifest's projectors that need it.
 pub async fn boot(ctx: &Context, opts: BootOptions, progress: &Progress) -> Result<BootReport> {
-    let mut control = ctx.connect("boot").await?;
+    let mut control = ctx.connect("boot", Session::Holder).await?;
     ctx.ledger.ensure_exists(&control).await?;
     let shape = crate::engine::validate::validate(&ctx.manifest, &mut control).await?;
-
-    for name in &opts.names {
-        if ctx.manifest.projector(name).is_none() {
-            return Err(Failure::Usage(format!(
-                "no projector `{name}` in {}\n  projectors: {}",
-                ctx.manifest.path.display(),
-                ctx.manifest
-                    .projectors
-                    .iter()
-                    .map(|p| p.name.as_str())
-                    .collect::<Vec<_>>()
-                    .join(", ")
-            ))
-            .into());
-        }
+    for name in opts.names.iter().chain(&opts.adopt) {
+        ctx.projector(name)?;
     }
-
     ctx.locks
-        .lock(
-            &control,
-            "boot",
-            "boot (one at a time per database)",
-            opts.lock_timeout,
-        )
+        .lock(&control, LockKey::Boot, opts.lock_timeout)
         .await?;
 
     let rows: HashMap<String, LedgerRow> = ctx
@@ -167,18 +176,63 @@ pub async fn boot(ctx: &Context, opts: BootOptions, progress: &Progress) -> Resu
         .collect();
     ctx.ledger.note_missing(&control, &present).await?;
 
-    let plan = select(ctx, &opts, &rows)?;
+    let plan = select(&ctx.manifest, &opts.names, &rows)?;
+    for s in &plan {
+        if s.action == Action::New
+            && s.projector.mode != Mode::FromNow
+            && !opts.adopt.contains(&s.projector.name)
+        {
+            crate::engine::start::refuse_filled(&control, &s.projector).await?;
+        }
+    }
     if plan.is_empty() {
         tracing::info!("nothing to boot: every projector is live or finished");
     }
+    let names: Vec<String> = plan.iter().map(|s| s.projector.name.clone()).collect();
+    let run = opts.run;
+    let mut report = run_plan(ctx, shape.clone(), plan, opts, progress, &control).await?;
+    ctx.locks.unlock(&control, LockKey::Boot).await.ok();
 
+    if !names.is_empty() {
+        report.late_events =
+            crate::engine::late::report(ctx, &shape, &control, run, &names).await?;
+    }
+    if let Some(b) = &report.broken {
+        let stalled = report
+            .projectors
+            .iter()
+            .filter(|p| p.state == State::Stalled)
+            .map(|p| (p.name.clone(), p.position))
+            .collect();
+        let doc = crate::engine::alert::projector_broken(
+            ctx,
+            run,
+            &b.projector,
+            &b.failure,
+            Some(stalled),
+        );
+        report.alert_error = crate::engine::alert::send(ctx, &doc).await.err();
+    }
+    Ok(report)
+}
+
+/// Plays every selected projector (at most `jobs` at once) while the control
+/// connection heartbeats; collects what each did.
+async fn run_plan(
+    ctx: &Context,
+    shape: StoreShape,
+    plan: Vec<Selected>,
+    opts: BootOptions,
+    progress: &Progress,
+    control: &Client,
+) -> Result<BootReport> {
     let shared = Arc::new(Shared {
         abort: CancellationToken::new(),
         positions: plan
             .iter()
-            .map(|(p, _, row)| {
-                let start = row.as_ref().map(|r| r.position).unwrap_or_default();
-                (p.name.clone(), watch::channel((start, false)).0)
+            .map(|s| {
+                let start = s.row.as_ref().map(|r| r.position).unwrap_or_default();
+                (s.projector.name.clone(), watch::channel((start, false)).0)
             })
             .collect(),
         opts: opts.clone(),
@@ -188,15 +242,33 @@ pub async fn boot(ctx: &Context, opts: BootOptions, progress: &Progress) -> Resu
     let mut tasks = tokio::task::JoinSet::new();
     // Spawned in dependency order: the semaphore is fair, so a projector never
     // holds a slot while what it waits for queues behind it.
-    for (projector, action, row) in plan {
+    for selected in plan {
         let ctx = ctx.clone();
         let shared = shared.clone();
         let permits = permits.clone();
-        let bar = progress.projector(&projector.name);
+        let bar = progress.projector(&selected.projector.name);
         tasks.spawn(async move {
-            let _permit = permits.acquire_owned().await.expect("semaphore");
-            let name = projector.name.clone();
-            let result = boot_one(&ctx, &shared, &projector, action, row, &bar).await;
+            let _permit = match permits.clone().try_acquire_owned() {
+                Ok(permit) => Ok(permit),
+                Err(_) => {
+                    bar.waiting(&format!(
+                        "waiting for its turn (--jobs {})",
+                        shared.opts.jobs
+                    ));
+                    permits.acquire_owned().await
+                }
+            };
+            let name = selected.projector.name.clone();
+            let task = Booting {
+                ctx: &ctx,
+                shared: &shared,
+                p: &selected.projector,
+                action: selected.action,
+                row: selected.row,
+                bar: &bar,
+                started: Instant::now(),
+            };
+            let result = task.run().await;
             if let Some(tx) = shared.positions.get(&name) {
                 tx.send_modify(|v| v.1 = true);
             }
@@ -212,9 +284,24 @@ pub async fn boot(ctx: &Context, opts: BootOptions, progress: &Progress) -> Resu
         broken: None,
         alert_error: None,
         held_back: None,
+        late_events: Vec::new(),
     };
     let mut first_error = None;
-    while let Some(joined) = tasks.join_next().await {
+    loop {
+        let joined = tokio::select! {
+            joined = tasks.join_next() => joined,
+            _ = tokio::time::sleep(ctx.database.liveness().heartbeat()) => {
+                if let Err(e) = ctx.database.heartbeat(control).await {
+                    // The database went silent: stop everything; the server
+                    // drops our sessions, and the next boot resumes.
+                    shared.abort.cancel();
+                    tasks.abort_all();
+                    return Err(e);
+                }
+                continue;
+            }
+        };
+        let Some(joined) = joined else { break };
         match joined.context("a boot task panicked")? {
             Ok(TaskEnd::Done(o)) | Ok(TaskEnd::Stalled(o)) => report.projectors.push(o),
             Ok(TaskEnd::Broken(o, failure)) => {
@@ -229,7 +316,9 @@ pub async fn boot(ctx: &Context, opts: BootOptions, progress: &Progress) -> Resu
             }
         }
     }
-    ctx.locks.unlock(&control, "boot").await.ok();
+    if let Some(e) = first_error {
+        return Err(e);
+    }
     report.projectors.sort_by(|a, b| a.name.cmp(&b.name));
     let held: Vec<String> = report
         .projectors
@@ -239,49 +328,19 @@ pub async fn boot(ctx: &Context, opts: BootOptions, progress: &Progress) -> Resu
     if !held.is_empty() {
         report.held_back = Some(held.join("\n"));
     }
-    if let Some(e) = first_error {
-        return Err(e);
-    }
-    if let Some(b) = &report.broken {
-        let stalled: Vec<_> = report
-            .projectors
-            .iter()
-            .filter(|p| p.state == State::Stalled)
-            .map(|p| serde_json::json!({"name": p.name, "position": p.position}))
-            .collect();
-        if let Some(command) = &ctx.manifest.alert {
-            let doc = serde_json::json!({
-                "event": "projector_broken",
-                "run": "boot",
-                "projector": b.projector,
-                "position": b.failure.position,
-                "type": b.failure.event_type,
-                "stream": b.failure.stream,
-                "error": b.failure.message,
-                "detail": b.failure.detail,
-                "hint": b.failure.hint,
-                "sqlstate": b.failure.sqlstate,
-                "stalled": stalled,
-                "database": ctx.database.target(),
-                "time": chrono::Utc::now().to_rfc3339(),
-            });
-            report.alert_error = crate::engine::alert::run(command, ctx.manifest.dir(), &doc)
-                .await
-                .err();
-        }
-    }
     Ok(report)
 }
 
-/// The projectors to boot, with why, in dependency order.
-fn select(
-    ctx: &Context,
-    opts: &BootOptions,
+/// The projectors to boot, with why, in dependency order. `names` limits
+/// the selection (empty: all).
+pub fn select(
+    manifest: &Manifest,
+    names: &[String],
     rows: &HashMap<String, LedgerRow>,
-) -> Result<Vec<(Projector, Action, Option<LedgerRow>)>> {
+) -> Result<Vec<Selected>> {
     let mut plan = Vec::new();
-    for p in &ctx.manifest.projectors {
-        if !opts.names.is_empty() && !opts.names.contains(&p.name) {
+    for p in &manifest.projectors {
+        if !names.is_empty() && !names.contains(&p.name) {
             continue;
         }
         let row = rows.get(&p.name);
@@ -294,7 +353,7 @@ fn select(
                      or give the projector a new name in {}",
                     p.name,
                     p.name,
-                    ctx.manifest.path.display()
+                    manifest.path.display()
                 ))
                 .into());
             }
@@ -304,16 +363,23 @@ fn select(
             }
             Some(_) => continue,
         };
-        plan.push((p.clone(), action, row.cloned()));
+        plan.push(Selected {
+            projector: p.clone(),
+            action,
+            row: row.cloned(),
+        });
     }
     // Dependency order (the manifest has no cycles).
-    let mut ordered: Vec<(Projector, Action, Option<LedgerRow>)> = Vec::new();
+    let mut ordered: Vec<Selected> = Vec::new();
     let mut pending = plan;
     while !pending.is_empty() {
-        let names: Vec<String> = pending.iter().map(|(p, ..)| p.name.clone()).collect();
-        let (ready, rest): (Vec<_>, Vec<_>) = pending
-            .into_iter()
-            .partition(|(p, ..)| p.after.iter().all(|d| !names.contains(d) || d == &p.name));
+        let names: Vec<String> = pending.iter().map(|s| s.projector.name.clone()).collect();
+        let (ready, rest): (Vec<_>, Vec<_>) = pending.into_iter().partition(|s| {
+            s.projector
+                .after
+                .iter()
+                .all(|d| !names.contains(d) || d == &s.projector.name)
+        });
         if ready.is_empty() {
             ordered.extend(rest);
             break;
@@ -324,291 +390,432 @@ fn select(
     Ok(ordered)
 }
 
-async fn boot_one(
-    ctx: &Context,
-    shared: &Shared,
-    p: &Projector,
+/// One projector being booted.
+struct Booting<'a> {
+    ctx: &'a Context,
+    shared: &'a Shared,
+    p: &'a Projector,
     action: Action,
     row: Option<LedgerRow>,
-    bar: &ProjectorProgress,
-) -> Result<TaskEnd> {
-    let started = Instant::now();
-    let mut outcome = ProjectorOutcome {
-        name: p.name.clone(),
-        mode: p.mode.as_str(),
-        action,
-        state: State::Booting,
-        position: row.as_ref().map(|r| r.position.id).unwrap_or(0),
-        events: 0,
-        seconds: 0.0,
-        held_back: None,
-    };
-    let mut client = ctx.connect("boot").await?;
-    let lock_key = format!("projector:{}", p.name);
-    ctx.locks
-        .lock(
-            &client,
-            &lock_key,
-            &format!("projector `{}`", p.name),
-            shared.opts.lock_timeout,
-        )
-        .await?;
+    bar: &'a ProjectorProgress,
+    started: Instant,
+}
 
-    if shared.abort.is_cancelled() {
-        // Another projector broke before this one started.
-        if row.is_none() {
-            ctx.ledger
-                .start(
-                    &client,
-                    p,
-                    start_position(ctx, shared, &client, p).await?,
-                    None,
-                )
-                .await?;
+/// Where a projector's play to the head ended.
+enum Ended {
+    State(State),
+    Broken(Position, Box<HandlerFailure>),
+}
+
+impl Booting<'_> {
+    fn outcome(&self, state: State, position: Position, events: i64) -> ProjectorOutcome {
+        ProjectorOutcome {
+            name: self.p.name.clone(),
+            mode: self.p.mode.as_str(),
+            action: self.action,
+            state,
+            position: position.id,
+            events,
+            seconds: self.started.elapsed().as_secs_f64(),
+            held_back: None,
         }
-        ctx.ledger
-            .set_state(&client, &p.name, State::Stalled)
-            .await?;
-        outcome.state = State::Stalled;
-        bar.finish("stalled");
-        return Ok(TaskEnd::Stalled(outcome));
     }
 
-    let mut pos = match (action, &row) {
-        (Action::Resume, Some(r)) => {
-            ctx.ledger.resume(&client, p).await?;
-            r.position
+    async fn run(self) -> Result<TaskEnd> {
+        let ctx = self.ctx;
+        let mut client = ctx.connect("boot", Session::Holder).await?;
+        ctx.locks
+            .lock(
+                &client,
+                LockKey::Projector(&self.p.name),
+                self.shared.opts.lock_timeout,
+            )
+            .await?;
+        if self.shared.abort.is_cancelled() {
+            return self.stall_before_start(&client).await;
         }
-        (Action::Rebuild, _) => {
-            let start = start_position(ctx, shared, &client, p).await?;
-            let tx = client.transaction().await?;
-            reset_tables(&tx, p).await?;
-            ctx.ledger.start(&tx, p, start, None).await?;
-            tx.commit().await.context("committing the reset")?;
-            start
+        let start = self.prepare(&mut client).await?;
+        self.publish(start);
+        let mut events = 0;
+        let mut held_back = None;
+        let end = self
+            .play_to_head(&mut client, start, &mut events, &mut held_back)
+            .await?;
+        match end {
+            Ended::Broken(kept, failure) => {
+                self.bar.finish("broken");
+                Ok(TaskEnd::Broken(
+                    self.outcome(State::Broken, kept, events),
+                    *failure,
+                ))
+            }
+            Ended::State(state) => {
+                ctx.ledger.set_state(&client, &self.p.name, state).await?;
+                ctx.locks
+                    .unlock(&client, LockKey::Projector(&self.p.name))
+                    .await
+                    .ok();
+                let position = *self.shared.positions[&self.p.name].borrow();
+                let mut outcome = self.outcome(state, position.0, events);
+                outcome.held_back = held_back;
+                self.bar.finish(state.as_str());
+                Ok(match state {
+                    State::Stalled => TaskEnd::Stalled(outcome),
+                    _ => TaskEnd::Done(outcome),
+                })
+            }
         }
-        _ => {
-            let start = start_position(ctx, shared, &client, p).await?;
-            let time = shared.shape.time_at(&client, start).await?;
-            ctx.ledger.start(&client, p, start, time).await?;
-            start
-        }
-    };
-    publish(shared, &p.name, pos);
+    }
 
-    let mut runner = Runner::new(ctx, &shared.shape, p, &client, shared.opts.run).await?;
-    let mut holes = HoleTracker::new(ctx.ledger.schema());
-    let mut held_since: Option<Instant> = None;
-    let mut last_hold_note = Instant::now();
-    bar.set_position(pos.id);
-
-    let end_state = loop {
-        if shared.abort.is_cancelled() {
-            break State::Stalled;
+    /// Another projector broke before this one started: it is stalled where it is.
+    async fn stall_before_start(&self, client: &Client) -> Result<TaskEnd> {
+        let ctx = self.ctx;
+        let mut position = self.row.as_ref().map(|r| r.position).unwrap_or_default();
+        if self.row.is_none() {
+            let (start, time) = crate::engine::start::start_position(
+                &self.shared.shape,
+                client,
+                self.p,
+                self.shared.opts.writer_wait,
+            )
+            .await?;
+            ctx.ledger.start(client, self.p, start, time).await?;
+            position = start;
         }
-        let head = shared.shape.safe_head(&client, pos, &mut holes).await?;
-        let (bound, waiting_on) = dependency_bound(ctx, shared, &client, p, head.position).await?;
-        bar.set_target(bound.id.max(pos.id));
-        if bound > pos {
-            held_since = None;
-            // Play to the bound, batch by batch.
-            while pos < bound {
-                if shared.abort.is_cancelled() {
-                    break;
-                }
-                let end = shared
-                    .shape
-                    .batch_end(&client, pos, bound, shared.opts.batch_size)
-                    .await?;
-                let batch = batch::run(
+        ctx.ledger
+            .set_state(client, &self.p.name, State::Stalled)
+            .await?;
+        self.bar.finish("stalled");
+        Ok(TaskEnd::Stalled(self.outcome(State::Stalled, position, 0)))
+    }
+
+    /// Puts the ledger row where this boot starts: resumed, rebuilt or new.
+    async fn prepare(&self, client: &mut Client) -> Result<Position> {
+        let ctx = self.ctx;
+        let opts = &self.shared.opts;
+        match (self.action, &self.row) {
+            (Action::Resume, Some(r)) => {
+                ctx.ledger.resume(client, self.p).await?;
+                Ok(r.position)
+            }
+            (Action::Rebuild, _) => {
+                crate::engine::start::rebuild_in_place(
                     ctx,
-                    &shared.shape,
-                    &mut client,
-                    &mut runner,
-                    &p.name,
-                    pos,
-                    end,
-                    shared.opts.run,
-                    OnFailure::Break,
-                    None,
+                    &self.shared.shape,
+                    client,
+                    self.p,
+                    opts.writer_wait,
                 )
-                .await?
-                .expect("no lock to miss");
-                match batch {
-                    Batch::Done { handled } => {
-                        outcome.events += handled;
-                        pos = end;
-                        publish(shared, &p.name, pos);
-                        bar.set_position(pos.id);
-                    }
-                    Batch::Failed {
-                        kept,
-                        handled,
-                        failure,
-                    } => {
-                        outcome.events += handled;
-                        outcome.position = kept.id;
-                        outcome.state = State::Broken;
-                        outcome.seconds = started.elapsed().as_secs_f64();
-                        publish(shared, &p.name, kept);
-                        bar.set_position(kept.id);
-                        runner.finish().await;
-                        bar.finish("broken");
-                        return Ok(TaskEnd::Broken(outcome, *failure));
+                .await
+            }
+            _ => {
+                let (start, time) = crate::engine::start::start_position(
+                    &self.shared.shape,
+                    client,
+                    self.p,
+                    opts.writer_wait,
+                )
+                .await?;
+                ctx.ledger.start(client, self.p, start, time).await?;
+                Ok(start)
+            }
+        }
+    }
+
+    /// Plays batches until the head (or what holds it back), a failure, or an abort.
+    async fn play_to_head(
+        &self,
+        client: &mut Client,
+        start: Position,
+        events: &mut i64,
+        held_back: &mut Option<String>,
+    ) -> Result<Ended> {
+        let ctx = self.ctx;
+        let shared = self.shared;
+        let shape = &shared.shape;
+        let mut runner = Runner::new(
+            shape,
+            self.p,
+            shared.opts.run,
+            &ctx.database,
+            ctx.manifest.dir(),
+            &*client,
+        )
+        .await?;
+        let player = Player {
+            ctx,
+            shape,
+            projector: self.p,
+            run: shared.opts.run,
+            state: State::Booting,
+            lock_each_batch: false,
+        };
+        let mut reader = Reader::knowing_holes(ctx.ledger.known_holes_sql());
+        let mut pos = start;
+        let mut held_since: Option<Instant> = None;
+        let mut last_hold_note = Instant::now();
+        let mut target = Target::default();
+        self.bar.set_position(pos.id);
+        let end = loop {
+            if shared.abort.is_cancelled() {
+                break Ended::State(State::Stalled);
+            }
+            target.refresh(shape, &*client, pos, self.bar).await?;
+            let (bound, waiting_on) = self.dependency_bound(client).await?;
+            let plan = reader
+                .plan(shape, &*client, pos, bound, shared.opts.batch_size)
+                .await?;
+            match plan {
+                Plan::Batch { end, gaps } => {
+                    held_since = None;
+                    let range = Range {
+                        from: pos,
+                        to: end,
+                        gaps: &gaps,
+                    };
+                    match player
+                        .batch_retrying(client, &mut runner, range, OnFailure::Break, 5)
+                        .await?
+                    {
+                        Batch::Done { handled } => {
+                            *events += handled;
+                            pos = end;
+                            self.publish(pos);
+                            self.bar.set_position(pos.id);
+                        }
+                        Batch::Failed {
+                            kept,
+                            handled,
+                            failure,
+                        } => {
+                            *events += handled;
+                            self.publish(kept);
+                            self.bar.set_position(kept.id);
+                            break Ended::Broken(kept, failure);
+                        }
+                        Batch::Locked => unreachable!("boot holds the projector's lock"),
+                        Batch::Stale(why) => anyhow::bail!(
+                            "projector `{}` changed under this boot: {why}",
+                            self.p.name
+                        ),
                     }
                 }
-            }
-            continue;
-        }
-        if let Some(dep) = waiting_on {
-            // Caught up with a projector of this boot that is still playing: wait for it.
-            let mut rx = shared.positions[&dep].subscribe();
-            tokio::select! {
-                _ = rx.changed() => {}
-                _ = shared.abort.cancelled() => {}
-            }
-            continue;
-        }
-        if head.is_held() {
-            let since = *held_since.get_or_insert_with(Instant::now);
-            if since.elapsed() < shared.opts.writer_wait {
-                if last_hold_note.elapsed() >= Duration::from_secs(10) {
-                    tracing::warn!(
-                        "projector `{}` waits at {pos}: events up to {} are committed behind running transactions {}",
-                        p.name,
-                        head.visible,
-                        describe_holders(&head.held_by)
+                Plan::CaughtUp if waiting_on.is_some() => {
+                    // Caught up with a projector of this boot that is still playing: wait for it.
+                    let dep = waiting_on.unwrap_or_default();
+                    let mut rx = shared.positions[&dep].subscribe();
+                    tokio::select! {
+                        _ = rx.changed() => {}
+                        _ = shared.abort.cancelled() => {}
+                        _ = tokio::time::sleep(ctx.database.liveness().heartbeat()) => {
+                            ctx.database.heartbeat(&*client).await?;
+                        }
+                    }
+                }
+                Plan::CaughtUp => {
+                    break Ended::State(self.done_state());
+                }
+                Plan::Held { visible, by } => {
+                    let since = *held_since.get_or_insert_with(Instant::now);
+                    let holders = by
+                        .iter()
+                        .map(|h| h.to_string())
+                        .collect::<Vec<_>>()
+                        .join("; ");
+                    if since.elapsed() < shared.opts.writer_wait {
+                        if last_hold_note.elapsed() >= Duration::from_secs(10) {
+                            tracing::warn!(
+                                "projector `{}` waits at {pos}: events up to {visible} are committed behind running transactions ({holders})",
+                                self.p.name
+                            );
+                            last_hold_note = Instant::now();
+                        }
+                        tokio::time::sleep(Duration::from_millis(50)).await;
+                        continue;
+                    }
+                    // A once projector is never played again: it must not finish short of the head.
+                    let note = format!(
+                        "projector `{}` stopped at {pos}: running transactions ({holders}) still hold committed events from {visible} on back; {}",
+                        self.p.name,
+                        if self.p.mode == Mode::Once {
+                            "it stays booting and the next boot finishes it"
+                        } else {
+                            "play will project them"
+                        }
                     );
-                    last_hold_note = Instant::now();
+                    tracing::warn!("{note}");
+                    *held_back = Some(note);
+                    break Ended::State(if self.p.mode == Mode::Once {
+                        State::Booting
+                    } else {
+                        State::Live
+                    });
                 }
-                tokio::time::sleep(Duration::from_millis(50)).await;
-                continue;
             }
-            // A once projector is never played again: it must not finish short of the head.
-            let note = format!(
-                "projector `{}` stopped at {pos}: transactions {} still hold committed events up to {} back; {}",
-                p.name,
-                describe_holders(&head.held_by),
-                head.visible,
-                if p.mode == Mode::Once {
-                    "it stays booting and the next boot finishes it"
-                } else {
-                    "play will project them"
-                }
-            );
-            tracing::warn!("{note}");
-            outcome.held_back = Some(note);
-            if p.mode == Mode::Once {
-                break State::Booting;
-            }
-        }
-        break if p.mode == Mode::Once {
+        };
+        runner.finish().await;
+        Ok(end)
+    }
+
+    fn done_state(&self) -> State {
+        if self.p.mode == Mode::Once {
             State::Finished
         } else {
             State::Live
-        };
-    };
-    runner.finish().await;
-    ctx.ledger.set_state(&client, &p.name, end_state).await?;
-    ctx.locks.unlock(&client, &lock_key).await.ok();
-    outcome.state = end_state;
-    outcome.position = pos.id;
-    outcome.seconds = started.elapsed().as_secs_f64();
-    bar.finish(end_state.as_str());
-    Ok(match end_state {
-        State::Stalled => TaskEnd::Stalled(outcome),
-        _ => TaskEnd::Done(outcome),
-    })
-}
-
-/// Where a projector starts: the beginning, or the head for `from_now`.
-async fn start_position(
-    ctx: &Context,
-    shared: &Shared,
-    client: &Client,
-    p: &Projector,
-) -> Result<Position> {
-    if p.mode == Mode::FromNow {
-        shared
-            .shape
-            .release_head(client, ctx.ledger.schema(), shared.opts.writer_wait)
-            .await
-    } else {
-        Ok(Position::START)
-    }
-}
-
-/// Truncates the owned tables, or runs the projector's `reset` SQL.
-pub async fn reset_tables(
-    client: &impl tokio_postgres::GenericClient,
-    p: &Projector,
-) -> Result<()> {
-    let sql = match &p.reset {
-        Some(sql) => sql.clone(),
-        None if p.tables.is_empty() => return Ok(()),
-        None => format!(
-            "TRUNCATE {}",
-            p.tables
-                .iter()
-                .map(|t| quote_qualified(t))
-                .collect::<Vec<_>>()
-                .join(", ")
-        ),
-    };
-    client
-        .batch_execute(&sql)
-        .await
-        .with_context(|| format!("resetting the tables of projector `{}`", p.name))
-}
-
-/// The bound `after` puts on a projector, and the dependency of this boot it
-/// would have to wait for to go further.
-async fn dependency_bound(
-    ctx: &Context,
-    shared: &Shared,
-    client: &Client,
-    p: &Projector,
-    head: Position,
-) -> Result<(Position, Option<String>)> {
-    let mut bound = head;
-    let mut waiting = None;
-    for dep in &p.after {
-        let (dep_pos, playing) = match shared.positions.get(dep) {
-            Some(tx) => {
-                let (pos, done) = *tx.borrow();
-                (pos, !done)
-            }
-            None => match ctx.ledger.row(client, dep).await? {
-                Some(r) => (r.position, false),
-                None => (Position::START, false),
-            },
-        };
-        if dep_pos < bound {
-            bound = dep_pos;
-            waiting = playing.then(|| dep.clone());
         }
     }
-    Ok((bound, waiting))
-}
 
-fn publish(shared: &Shared, name: &str, pos: Position) {
-    if let Some(tx) = shared.positions.get(name) {
-        tx.send_modify(|v| v.0 = pos);
+    /// The bound `after` puts on this projector, and the dependency of this
+    /// boot it would have to wait for to go further.
+    async fn dependency_bound(
+        &self,
+        client: &Client,
+    ) -> Result<(Option<Position>, Option<String>)> {
+        let mut bound: Option<Position> = None;
+        let mut waiting = None;
+        for dep in &self.p.after {
+            let (dep_pos, playing) = match self.shared.positions.get(dep) {
+                Some(tx) => {
+                    let (pos, done) = *tx.borrow();
+                    (pos, !done)
+                }
+                None => match self.ctx.ledger.row(client, dep).await? {
+                    Some(r) => (r.position, false),
+                    None => (Position::START, false),
+                },
+            };
+            if bound.is_none_or(|b| dep_pos < b) {
+                bound = Some(dep_pos);
+                waiting = playing.then(|| dep.clone());
+            }
+        }
+        Ok((bound, waiting))
+    }
+
+    fn publish(&self, pos: Position) {
+        if let Some(tx) = self.shared.positions.get(&self.p.name) {
+            tx.send_modify(|v| v.0 = pos);
+        }
     }
 }
 
-fn describe_holders(held_by: &[(i32, f64)]) -> String {
-    if held_by.is_empty() {
-        return "(unknown)".into();
+/// The head a progress bar counts towards, looked up again once reached.
+#[derive(Default)]
+struct Target {
+    head: Option<i64>,
+    looked: Option<Instant>,
+}
+
+impl Target {
+    async fn refresh(
+        &mut self,
+        shape: &StoreShape,
+        client: &Client,
+        pos: Position,
+        bar: &ProjectorProgress,
+    ) -> Result<()> {
+        let stale = self
+            .looked
+            .is_none_or(|t| t.elapsed() >= Duration::from_secs(2));
+        if self.head.is_some_and(|h| h > pos.id) && !stale {
+            return Ok(());
+        }
+        let head = shape
+            .visible_head(client)
+            .await?
+            .map(|(p, _)| p.id)
+            .unwrap_or(0);
+        self.head = Some(head);
+        self.looked = Some(Instant::now());
+        bar.set_target(head.max(pos.id));
+        Ok(())
     }
-    held_by
-        .iter()
-        .map(|(pid, secs)| {
+}
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+    use std::path::Path;
+
+    fn manifest(projectors: &str) -> Manifest {
+        Manifest::parse(
+            Path::new("projectors.toml"),
             format!(
-                "pid {pid} (running {})",
-                humantime::format_duration(Duration::from_secs(*secs as u64))
-            )
-        })
-        .collect::<Vec<_>>()
-        .join(", ")
+                "[store]\ntable = \"events\"\nposition = \"id\"\ntype = \"name\"\ndata = \"data\"\n{projectors}"
+            ),
+        )
+        .unwrap()
+    }
+
+    fn row(name: &str, state: State, version: i32) -> LedgerRow {
+        LedgerRow {
+            name: name.into(),
+            mode: Mode::FromBeginning,
+            state,
+            position: Position { tx: None, id: 10 },
+            event_time: None,
+            version,
+            side_effects: false,
+            tables: Vec::new(),
+            events_processed: 0,
+            error: None,
+            error_position: None,
+            error_type: None,
+            missing_since: None,
+            updated_at: chrono::Utc::now(),
+        }
+    }
+
+    fn rows(list: Vec<LedgerRow>) -> HashMap<String, LedgerRow> {
+        list.into_iter().map(|r| (r.name.clone(), r)).collect()
+    }
+
+    #[test]
+    fn selects_new_interrupted_broken_stalled_and_bumped_versions_in_dependency_order() {
+        let m = manifest(
+            "[projectors.z]\nafter = [\"a\"]\non.A = \"SELECT 1\"\n\
+             [projectors.a]\non.A = \"SELECT 1\"\n\
+             [projectors.live]\non.A = \"SELECT 1\"\n\
+             [projectors.broken]\non.A = \"SELECT 1\"\n\
+             [projectors.bumped]\nversion = 2\non.A = \"SELECT 1\"\n",
+        );
+        let plan = select(
+            &m,
+            &[],
+            &rows(vec![
+                row("live", State::Live, 1),
+                row("broken", State::Broken, 1),
+                row("bumped", State::Live, 1),
+            ]),
+        )
+        .unwrap();
+        let got: Vec<(&str, Action)> = plan
+            .iter()
+            .map(|s| (s.projector.name.as_str(), s.action))
+            .collect();
+        assert_eq!(
+            got,
+            vec![
+                ("a", Action::New),
+                ("broken", Action::Resume),
+                ("bumped", Action::Rebuild),
+                ("z", Action::New),
+            ]
+        );
+    }
+
+    #[test]
+    fn names_limit_the_selection_and_retired_projectors_are_refused() {
+        let m =
+            manifest("[projectors.a]\non.A = \"SELECT 1\"\n[projectors.b]\non.A = \"SELECT 1\"\n");
+        let plan = select(&m, &["b".into()], &HashMap::new()).unwrap();
+        assert_eq!(plan.len(), 1);
+        assert_eq!(plan[0].projector.name, "b");
+        let err = select(&m, &[], &rows(vec![row("a", State::Retired, 1)])).unwrap_err();
+        assert_eq!(
+            crate::error::exit_status(&err),
+            crate::error::ExitStatus::Usage
+        );
+        assert!(err.to_string().contains("--allow-side-effects"));
+    }
 }

@@ -6,10 +6,10 @@ use std::path::Path;
 
 use anyhow::{Context as _, Result};
 
-use crate::db::Database;
+use crate::db::{Database, Session};
 use crate::engine::application_name;
 use crate::error::Failure;
-use crate::ledger::{Ledger, Locks};
+use crate::ledger::{Ledger, LockKey, Locks};
 
 /// A migration that was applied, for the report.
 #[derive(Clone, Debug, serde::Serialize)]
@@ -28,13 +28,13 @@ pub async fn migrate(
     lock_timeout: Option<std::time::Duration>,
 ) -> Result<Vec<Applied>> {
     let project = load_dir(dir)?;
-    let mut client = database.connect(&application_name("migrate")).await?;
-    let locks = Locks::new(ledger.schema());
-    locks
-        .lock(&client, "migrate", "migrate", lock_timeout)
+    let mut client = database
+        .connect(&application_name("migrate"), Session::Holder)
         .await?;
+    let locks = Locks::new(ledger.schema());
+    locks.lock(&client, LockKey::Migrate, lock_timeout).await?;
     let result = apply(&mut client, ledger, project).await;
-    locks.unlock(&client, "migrate").await.ok();
+    locks.unlock(&client, LockKey::Migrate).await.ok();
     result
 }
 
@@ -48,6 +48,7 @@ async fn apply(
         .batch_execute(&ledger.create_schema_sql())
         .await
         .context("creating the ledger schema")?;
+    repair(client, ledger).await?;
     let (ledger_migrations, history) = ledger.migrations()?;
     let report = refinery::Runner::new(&ledger_migrations)
         .set_migration_table_name(&history)
@@ -77,6 +78,41 @@ async fn apply(
         }
     }
     Ok(applied)
+}
+
+/// A ledger whose tables were dropped by hand while its migration history
+/// stayed: the tables that survive are set aside (in the schema
+/// `<ledger>_before_repair`) and the ledger is created again from its
+/// migrations. Projectors whose
+/// rows were lost count as new; boot refuses to replay any whose tables hold
+/// rows.
+async fn repair(client: &mut tokio_postgres::Client, ledger: &Ledger) -> Result<()> {
+    let (missing, history) = ledger.missing_tables(&*client).await?;
+    if !history || missing.is_empty() {
+        return Ok(());
+    }
+    let aside = format!("{}_before_repair", ledger.schema());
+    let aside_q = crate::db::quote_ident(&aside);
+    tracing::warn!(
+        "the ledger lost {} although its migrations ran: recreating it; the surviving ledger tables are kept in schema {aside}",
+        missing.join(", ")
+    );
+    let tx = client.transaction().await?;
+    tx.batch_execute(&format!("CREATE SCHEMA IF NOT EXISTS {aside_q}"))
+        .await?;
+    for t in ["late_events", "holes", "failures", "projectors"] {
+        let table = ledger.table(t);
+        tx.batch_execute(&format!(
+            "DROP TABLE IF EXISTS {aside_q}.{t} CASCADE; ALTER TABLE IF EXISTS {table} SET SCHEMA {aside_q}"
+        ))
+        .await
+        .with_context(|| format!("setting {table} aside"))?;
+    }
+    tx.batch_execute(&format!("DROP TABLE {}", ledger.table("schema_history")))
+        .await
+        .context("forgetting the ledger's migration history")?;
+    tx.commit().await.context("repairing the ledger")?;
+    Ok(())
 }
 
 /// refinery wraps the driver's error; show the database's message whole.
@@ -113,7 +149,10 @@ fn load_dir(dir: &Path) -> Result<Vec<refinery::Migration>> {
     files.sort();
     let mut out = Vec::new();
     for path in files {
-        let stem = path.file_stem().unwrap().to_string_lossy().to_string();
+        let stem = path
+            .file_stem()
+            .map(|s| s.to_string_lossy().to_string())
+            .unwrap_or_default();
         let sql = std::fs::read_to_string(&path)
             .with_context(|| format!("reading {}", path.display()))?;
         let m = refinery::Migration::unapplied(&stem, &sql).map_err(|e| {

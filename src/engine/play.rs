@@ -4,32 +4,38 @@
 //!
 //! Ownership: each projector is played by one runner at a time, across
 //! processes and machines. A runner owns a projector by holding the session
-//! advisory lock `owner:NAME` on that projector's own connection; when the
-//! runner dies its connection closes, the lock goes, and another runner's
-//! next poll takes the projector over. Each batch also takes the
-//! transaction lock `projector:NAME`, which boot and reset hold while they
-//! work on it, so play never interleaves with them.
+//! advisory lock [`LockKey::Owner`] on that projector's own connection; when
+//! the runner dies its connection closes (or the server drops the silent
+//! session within the liveness budget), the lock goes, and another runner's
+//! next poll takes the projector over. Each batch also takes the transaction
+//! lock [`LockKey::Projector`], which boot and reset hold while they work on
+//! it, and checks the ledger row is still the version it plays.
 //!
-//! Isolation: a projector's failure is handled by its `on_error` policy and
-//! never stops the others; a lost connection is not a failure: the worker
-//! ends and the next poll reconnects and takes the projector again.
+//! Isolation and faults: a projector's failure is handled by its `on_error`
+//! policy and never stops the others. Transient database errors are retried
+//! with backoff, never recorded as failures; a lost or silent database is
+//! not a failure either: play waits for it, reconnects and takes the
+//! projectors again.
 
 use std::collections::HashMap;
 use std::sync::Arc;
-use std::time::Duration;
+use std::time::{Duration, Instant};
 
 use anyhow::{Context as _, Result};
 use tokio::sync::watch;
 use tokio_postgres::Client;
 use tokio_util::sync::CancellationToken;
 
+use crate::db::Session;
 use crate::engine::Context;
-use crate::engine::batch::{self, Batch, OnFailure, Runner};
-use crate::handlers::sql::HandlerFailure;
-use crate::ledger::State;
+use crate::engine::batch::{Batch, OnFailure, Player, Range};
+use crate::error::{Trouble, trouble};
+use crate::failure::HandlerFailure;
+use crate::handlers::Runner;
+use crate::ledger::{LockKey, Run, State};
 use crate::manifest::{OnError, Projector};
 use crate::report::metrics::Metrics;
-use crate::store::{HoleTracker, Position, StoreShape};
+use crate::store::{Plan, Position, Reader, StoreShape};
 
 #[derive(Clone, Debug)]
 pub struct PlayOptions {
@@ -48,6 +54,11 @@ impl Default for PlayOptions {
     }
 }
 
+/// How often play looks for late events.
+const LATE_EVERY: Duration = Duration::from_secs(30);
+/// The longest play waits between two attempts to reach the database.
+const MAX_BACKOFF: Duration = Duration::from_secs(30);
+
 /// Plays until `shutdown` is cancelled; then finishes the batches in flight
 /// and returns.
 pub async fn play(
@@ -56,21 +67,18 @@ pub async fn play(
     metrics: Arc<Metrics>,
     shutdown: CancellationToken,
 ) -> Result<()> {
-    let mut control = ctx.connect("play").await?;
-    ctx.ledger.ensure_exists(&control).await?;
-    let shape = Arc::new(crate::engine::validate::validate(&ctx.manifest, &mut control).await?);
-
+    let Some((control, shape)) = start(ctx, &metrics, &shutdown).await? else {
+        return Ok(());
+    };
+    let shape = Arc::new(shape);
     // Wake-ups: a counter bumped by every notification (and by nothing else).
     let (wake_tx, wake_rx) = watch::channel(0u64);
-    let listener = match &ctx.manifest.store.notify {
-        Some(channel) => Some(listen(ctx, channel, wake_tx.clone()).await?),
-        None => None,
-    };
-
-    let mut workers: HashMap<String, tokio::task::JoinHandle<()>> = HashMap::new();
-    let mut warned: HashMap<String, String> = HashMap::new();
-    let mut control = Some(control);
-    let mut backoff = Duration::from_millis(500);
+    let listener = ctx
+        .manifest
+        .store
+        .notify
+        .as_ref()
+        .map(|channel| listen(ctx, channel, wake_tx));
     tracing::info!(
         "playing live projectors ({}), polling every {}",
         match &ctx.manifest.store.notify {
@@ -79,50 +87,63 @@ pub async fn play(
         },
         humantime::format_duration(opts.poll)
     );
+    let mut supervisor = Supervisor {
+        ctx,
+        opts: &opts,
+        shape,
+        metrics: metrics.clone(),
+        wake: wake_rx,
+        shutdown: shutdown.clone(),
+        workers: HashMap::new(),
+        warned: HashMap::new(),
+        late_checked: None,
+    };
+    let mut control = Some(control);
+    let mut backoff = Duration::from_millis(500);
     metrics.set_up(true);
     while !shutdown.is_cancelled() {
         let client = match control.take() {
             Some(c) if !c.is_closed() => c,
-            _ => match ctx.connect("play").await {
+            _ => match ctx.connect("play", Session::Reader).await {
                 Ok(c) => {
                     backoff = Duration::from_millis(500);
                     c
                 }
                 Err(e) => {
                     tracing::warn!(
-                        "lost the database, retrying in {}: {}",
+                        "cannot reach the database, trying again in {}: {}",
                         humantime::format_duration(backoff),
-                        crate::error::render(&e)
+                        crate::error::render(&e).lines().next().unwrap_or_default()
                     );
                     metrics.set_up(false);
                     tokio::select! {
                         _ = tokio::time::sleep(backoff) => {}
                         _ = shutdown.cancelled() => break,
                     }
-                    backoff = (backoff * 2).min(Duration::from_secs(30));
+                    backoff = (backoff * 2).min(MAX_BACKOFF);
                     continue;
                 }
             },
         };
         metrics.set_up(true);
-        workers.retain(|_, h| !h.is_finished());
-        if let Err(e) = supervise(
-            ctx,
-            &opts,
-            &client,
-            &shape,
-            &metrics,
-            &wake_rx,
-            &shutdown,
-            &mut workers,
-            &mut warned,
-        )
-        .await
-        {
-            tracing::warn!("play: {}", crate::error::render(&e));
+        let pass = ctx.database.within(supervisor.pass(&client)).await;
+        match pass.and_then(|r| r) {
+            Ok(()) => control = Some(client),
+            Err(e) if trouble(&e) == Trouble::Connection => {
+                // Silent or gone: whatever the runners hold may be gone too.
+                tracing::warn!(
+                    "lost the database: {}; reconnecting and taking the projectors again",
+                    crate::error::render(&e).lines().next().unwrap_or_default()
+                );
+                metrics.set_up(false);
+                supervisor.abort_workers();
+            }
+            Err(e) => {
+                tracing::warn!("play: {}", crate::error::render(&e));
+                control = Some(client);
+            }
         }
-        metrics.set_owned(workers.len());
-        control = Some(client);
+        metrics.set_owned(supervisor.workers.len());
         // Supervision runs every poll; new events wake the workers, not this loop.
         tokio::select! {
             _ = tokio::time::sleep(opts.poll) => {}
@@ -130,7 +151,7 @@ pub async fn play(
         }
     }
     // Shutdown: the workers finish their batch in flight and release their projectors.
-    for (_, handle) in workers {
+    for (_, handle) in supervisor.workers.drain() {
         let _ = handle.await;
     }
     if let Some(l) = listener {
@@ -140,169 +161,204 @@ pub async fn play(
     Ok(())
 }
 
-/// One pass of the control loop: the ledger read again (projectors booted by
-/// a later deploy are picked up), orphans noted, free live projectors taken.
-#[allow(clippy::too_many_arguments)]
-async fn supervise(
+/// Connects and checks the manifest against the database; a database that
+/// cannot be reached yet is waited for (a supervised runner keeps trying,
+/// and says so). `None`: shut down while waiting.
+async fn start(
     ctx: &Context,
-    opts: &PlayOptions,
-    client: &Client,
-    shape: &Arc<StoreShape>,
-    metrics: &Arc<Metrics>,
-    wake: &watch::Receiver<u64>,
+    metrics: &Metrics,
     shutdown: &CancellationToken,
-    workers: &mut HashMap<String, tokio::task::JoinHandle<()>>,
-    warned: &mut HashMap<String, String>,
-) -> Result<()> {
-    let rows = ctx.ledger.rows(client).await?;
-    let present: Vec<String> = ctx
-        .manifest
-        .projectors
-        .iter()
-        .map(|p| p.name.clone())
-        .collect();
-    ctx.ledger.note_missing(client, &present).await?;
-    let head = shape.visible_head(client).await?;
-    metrics.observe(
-        &rows,
-        head.as_ref().map(|h| h.0.id).unwrap_or(0),
-        head.and_then(|h| h.1),
-    );
-
-    for p in &ctx.manifest.projectors {
-        let Some(row) = rows.iter().find(|r| r.name == p.name) else {
-            continue;
+) -> Result<Option<(Client, StoreShape)>> {
+    let mut backoff = Duration::from_secs(1);
+    loop {
+        let attempt = async {
+            let mut control = ctx.connect("play", Session::Reader).await?;
+            ctx.ledger.ensure_exists(&control).await?;
+            let shape = crate::engine::validate::validate(&ctx.manifest, &mut control).await?;
+            Ok::<_, anyhow::Error>((control, shape))
         };
-        // The ledger and this manifest disagree: a deploy happened since play started.
-        let mismatch = if row.version != p.version {
-            Some(format!(
-                "version {} in the ledger, {} in the manifest: run `projectionist boot`, then restart play",
-                row.version, p.version
-            ))
-        } else if row.mode != p.mode.as_str() {
-            Some(format!(
-                "mode {} in the ledger, {} in the manifest: restart play with the manifest that booted it",
-                row.mode,
-                p.mode.as_str()
-            ))
-        } else {
-            None
-        };
-        if let Some(m) = mismatch {
-            if warned.get(&p.name) != Some(&m) {
-                tracing::warn!("projector `{}`: {m}", p.name);
-                warned.insert(p.name.clone(), m);
-            }
-            continue;
-        }
-        if row.state != State::Live || workers.contains_key(&p.name) {
-            continue;
-        }
-        if ctx
-            .locks
-            .holder(client, &owner_key(&p.name))
-            .await?
-            .is_some()
-        {
-            continue; // Another runner owns it.
-        }
-        let worker_client = ctx.connect("play").await?;
-        if !ctx
-            .locks
-            .try_lock(&worker_client, &owner_key(&p.name))
-            .await?
-        {
-            continue;
-        }
-        tracing::info!(
-            "playing projector `{}` from position {}",
-            p.name,
-            row.position
-        );
-        let worker = Worker {
-            ctx: ctx.clone(),
-            projector: p.clone(),
-            shape: shape.clone(),
-            opts: opts.clone(),
-            metrics: metrics.clone(),
-            wake: wake.clone(),
-            shutdown: shutdown.clone(),
-        };
-        workers.insert(
-            p.name.clone(),
-            tokio::spawn(async move {
-                let name = worker.projector.name.clone();
-                if let Err(e) = worker.run(worker_client).await {
-                    tracing::warn!(
-                        "projector `{name}` paused: {}; it is taken again at the next poll",
-                        crate::error::render(&e)
-                    );
+        match attempt.await {
+            Ok(started) => return Ok(Some(started)),
+            Err(e) if trouble(&e) == Trouble::Connection => {
+                metrics.set_up(false);
+                tracing::warn!(
+                    "cannot reach the database yet, trying again in {}: {}",
+                    humantime::format_duration(backoff),
+                    crate::error::render(&e).lines().next().unwrap_or_default()
+                );
+                tokio::select! {
+                    _ = tokio::time::sleep(backoff) => {}
+                    _ = shutdown.cancelled() => return Ok(None),
                 }
-            }),
-        );
+                backoff = (backoff * 2).min(MAX_BACKOFF);
+            }
+            Err(e) => return Err(e),
+        }
     }
-    Ok(())
 }
 
-fn owner_key(name: &str) -> String {
-    format!("owner:{name}")
+/// The control loop's state: the runners of the projectors this process owns.
+struct Supervisor<'a> {
+    ctx: &'a Context,
+    opts: &'a PlayOptions,
+    shape: Arc<StoreShape>,
+    metrics: Arc<Metrics>,
+    wake: watch::Receiver<u64>,
+    shutdown: CancellationToken,
+    workers: HashMap<String, tokio::task::JoinHandle<()>>,
+    /// The last warning given per projector (said once).
+    warned: HashMap<String, String>,
+    late_checked: Option<Instant>,
 }
 
-/// Listens on the notify channel, bumping `wake` on each notification; reconnects when lost.
-async fn listen(
-    ctx: &Context,
-    channel: &str,
-    wake: watch::Sender<u64>,
-) -> Result<tokio::task::JoinHandle<()>> {
+impl Supervisor<'_> {
+    /// One pass: the ledger read again (projectors booted by a later deploy
+    /// are picked up), orphans noted, metrics updated, late events looked
+    /// for now and then, free live projectors taken.
+    async fn pass(&mut self, client: &Client) -> Result<()> {
+        let ctx = self.ctx;
+        self.workers.retain(|_, h| !h.is_finished());
+        let rows = ctx.ledger.rows(client).await?;
+        let present: Vec<String> = ctx
+            .manifest
+            .projectors
+            .iter()
+            .map(|p| p.name.clone())
+            .collect();
+        ctx.ledger.note_missing(client, &present).await?;
+        let head = self.shape.visible_head(client).await?;
+        self.metrics.observe(
+            &rows,
+            head.as_ref().map(|h| h.0.id).unwrap_or(0),
+            head.and_then(|h| h.1),
+        );
+        if self.late_checked.is_none_or(|t| t.elapsed() >= LATE_EVERY) {
+            self.late_checked = Some(Instant::now());
+            let late =
+                crate::engine::late::report(ctx, &self.shape, client, Run::Play, &[]).await?;
+            self.metrics.late_events(&rows, &late);
+        }
+        for p in &ctx.manifest.projectors {
+            let Some(row) = rows.iter().find(|r| r.name == p.name) else {
+                continue;
+            };
+            // The ledger and this manifest disagree: a deploy happened since play started.
+            let mismatch = if row.version != p.version {
+                Some(format!(
+                    "version {} in the ledger, {} in the manifest: play leaves it alone; run `projectionist boot`, then restart play with the manifest that booted it",
+                    row.version, p.version
+                ))
+            } else if row.mode != p.mode {
+                Some(format!(
+                    "mode {} in the ledger, {} in the manifest: restart play with the manifest that booted it",
+                    row.mode.as_str(),
+                    p.mode.as_str()
+                ))
+            } else {
+                None
+            };
+            if let Some(m) = mismatch {
+                if self.warned.get(&p.name) != Some(&m) {
+                    tracing::warn!("projector `{}`: {m}", p.name);
+                    self.warned.insert(p.name.clone(), m);
+                }
+                continue;
+            }
+            if row.state != State::Live || self.workers.contains_key(&p.name) {
+                continue;
+            }
+            if ctx
+                .locks
+                .holder(client, LockKey::Owner(&p.name))
+                .await?
+                .is_some()
+            {
+                continue; // Another runner owns it.
+            }
+            let worker_client = ctx.connect("play", Session::Holder).await?;
+            if !ctx
+                .locks
+                .try_lock(&worker_client, LockKey::Owner(&p.name))
+                .await?
+            {
+                continue;
+            }
+            tracing::info!(
+                "playing projector `{}` from position {}",
+                p.name,
+                row.position
+            );
+            let worker = Worker {
+                ctx: ctx.clone(),
+                projector: p.clone(),
+                shape: self.shape.clone(),
+                opts: self.opts.clone(),
+                metrics: self.metrics.clone(),
+                wake: self.wake.clone(),
+                shutdown: self.shutdown.clone(),
+            };
+            self.workers.insert(
+                p.name.clone(),
+                tokio::spawn(async move {
+                    let name = worker.projector.name.clone();
+                    if let Err(e) = worker.run(worker_client).await {
+                        tracing::warn!(
+                            "projector `{name}` paused: {}; it is taken again at the next poll",
+                            crate::error::render(&e)
+                        );
+                    }
+                }),
+            );
+        }
+        Ok(())
+    }
+
+    /// Drops every runner at once (their connections close; the server
+    /// releases what they held).
+    fn abort_workers(&mut self) {
+        for (_, handle) in self.workers.drain() {
+            handle.abort();
+        }
+    }
+}
+
+/// Listens on the notify channel, bumping `wake` on each notification;
+/// reconnects when lost.
+fn listen(ctx: &Context, channel: &str, wake: watch::Sender<u64>) -> tokio::task::JoinHandle<()> {
     let ctx = ctx.clone();
     let channel = channel.to_string();
-    // The first connection is made here, so a bad channel fails play at once.
-    let (client, rx) = ctx
-        .database
-        .connect_listening(&crate::engine::application_name("play listen"))
-        .await?;
-    client
-        .batch_execute(&format!("LISTEN {}", crate::db::quote_ident(&channel)))
-        .await
-        .context("LISTEN on the notify channel")?;
-    Ok(tokio::spawn(async move {
-        let mut current = Some((client, rx));
+    tokio::spawn(async move {
+        let mut first = true;
         loop {
-            let (client, mut rx) = match current.take() {
-                Some(c) => c,
-                None => {
-                    tokio::time::sleep(Duration::from_secs(1)).await;
-                    match ctx
-                        .database
-                        .connect_listening(&crate::engine::application_name("play listen"))
-                        .await
-                    {
-                        Ok((c, rx)) => {
-                            if c.batch_execute(&format!(
-                                "LISTEN {}",
-                                crate::db::quote_ident(&channel)
-                            ))
-                            .await
-                            .is_err()
-                            {
-                                continue;
-                            }
-                            // Events may have come while we were away.
-                            wake.send_modify(|n| *n += 1);
-                            (c, rx)
-                        }
-                        Err(_) => continue,
-                    }
-                }
+            if !first {
+                tokio::time::sleep(Duration::from_secs(1)).await;
+            }
+            first = false;
+            let Ok((client, mut rx)) = ctx
+                .database
+                .connect_listening(&crate::engine::application_name("play listen"))
+                .await
+            else {
+                continue;
             };
+            let listening = client
+                .batch_execute(&format!("LISTEN {}", crate::db::quote_ident(&channel)))
+                .await;
+            if let Err(e) = listening {
+                tracing::warn!("LISTEN on `{channel}`: {e}");
+                continue;
+            }
+            // Events may have come while we were away.
+            wake.send_modify(|n| *n += 1);
             while rx.recv().await.is_some() {
                 wake.send_modify(|n| *n += 1);
             }
             drop(client);
         }
-    }))
+    })
 }
 
+/// Plays one projector this runner owns.
 struct Worker {
     ctx: Context,
     projector: Projector,
@@ -313,159 +369,252 @@ struct Worker {
     shutdown: CancellationToken,
 }
 
+/// What a worker does after one step.
+enum Next {
+    Again,
+    /// Nothing to do until a notification or the poll.
+    Idle,
+    /// Held back by something that notifies nobody: look again soon.
+    Soon,
+    /// Wait before trying again.
+    Wait(Duration),
+    /// The projector is not this runner's to play any more.
+    Leave,
+}
+
 impl Worker {
     async fn run(mut self, mut client: Client) -> Result<()> {
         let name = self.projector.name.clone();
-        let mut runner =
-            Runner::new(&self.ctx, &self.shape, &self.projector, &client, "play").await?;
-        let mut holes = HoleTracker::new(self.ctx.ledger.schema());
-        let lock = format!("projector:{name}");
+        let mut runner = Runner::new(
+            &self.shape,
+            &self.projector,
+            Run::Play,
+            &self.ctx.database,
+            self.ctx.manifest.dir(),
+            &client,
+        )
+        .await?;
+        let mut reader = Reader::knowing_holes(self.ctx.ledger.known_holes_sql());
         let mut retries = 0u32;
-        while !self.shutdown.is_cancelled() {
-            // The ledger is the truth: a reset or a rebuild may have moved the position.
-            let Some(row) = self.ctx.ledger.row(&client, &name).await? else {
-                break;
-            };
-            if row.state != State::Live {
-                tracing::info!(
-                    "projector `{name}` is {} now: play leaves it",
-                    row.state.as_str()
-                );
-                break;
+        let mut transient = Duration::from_millis(500);
+        let result = loop {
+            if self.shutdown.is_cancelled() {
+                break Ok(());
             }
-            let pos = row.position;
-            let head = self.shape.safe_head(&client, pos, &mut holes).await?;
-            let bound = self.after_bound(&client, head.position).await?;
-            if bound <= pos {
-                if bound < head.visible {
-                    // Held back (a running transaction, or an `after` projector):
-                    // what releases it notifies nobody, so look again soon.
-                    tokio::select! {
-                        _ = tokio::time::sleep(self.opts.poll.min(Duration::from_millis(100))) => {}
-                        _ = self.shutdown.cancelled() => {}
-                    }
-                } else {
+            let next = match self
+                .step(&mut client, &mut runner, &mut reader, &mut retries)
+                .await
+            {
+                Ok(next) => {
+                    transient = Duration::from_millis(500);
+                    next
+                }
+                Err(e) if trouble(&e) == Trouble::Transient => {
+                    tracing::warn!(
+                        "projector `{name}`: {}; trying again in {} (not a handler failure)",
+                        crate::error::render(&e).lines().next().unwrap_or_default(),
+                        humantime::format_duration(transient)
+                    );
+                    let wait = transient;
+                    transient = (transient * 2).min(MAX_BACKOFF);
+                    Next::Wait(wait)
+                }
+                Err(e) => break Err(e),
+            };
+            let waited = match next {
+                Next::Again => Ok(()),
+                Next::Idle => {
                     self.idle().await;
+                    Ok(())
                 }
-                continue;
-            }
-            let end = self
-                .shape
-                .batch_end(&client, pos, bound, self.opts.batch_size)
-                .await?;
-            let policy = match self.projector.on_error {
-                OnError::Stop => OnFailure::Break,
-                OnError::Skip => OnFailure::Skip,
-                OnError::Retry if retries >= self.projector.max_retries => OnFailure::Break,
-                OnError::Retry => OnFailure::Retry,
+                Next::Soon => {
+                    let soon = self.opts.poll.min(Duration::from_millis(100));
+                    self.pause(&client, soon).await
+                }
+                Next::Wait(d) => self.pause(&client, d).await,
+                Next::Leave => break Ok(()),
             };
-            let batch = batch::run(
-                &self.ctx,
-                &self.shape,
-                &mut client,
-                &mut runner,
-                &name,
-                pos,
-                end,
-                "play",
-                policy,
-                Some(&lock),
-            )
-            .await?;
-            match batch {
-                None => self.idle().await, // A boot or reset holds it.
-                Some(Batch::Done { handled }) => {
-                    retries = 0;
-                    self.metrics.processed(&name, handled);
-                }
-                Some(Batch::Failed {
-                    handled, failure, ..
-                }) => {
-                    self.metrics.processed(&name, handled);
-                    self.metrics.failed(&name);
-                    match policy {
-                        OnFailure::Break => {
-                            tracing::error!(
-                                "projector `{name}` broke at event {}",
-                                failure.short()
-                            );
-                            self.alert(&failure).await;
-                            break;
-                        }
-                        OnFailure::Skip => {
-                            tracing::warn!(
-                                "projector `{name}` skipped event {} (dead letter recorded)",
-                                failure.short()
-                            );
-                        }
-                        OnFailure::Retry => {
-                            retries += 1;
-                            let wait = Duration::from_secs(1u64 << retries.min(6));
-                            tracing::warn!(
-                                "projector `{name}` failed at event {}; retry {retries} of {} in {}",
-                                failure.short(),
-                                self.projector.max_retries,
-                                humantime::format_duration(wait)
-                            );
-                            tokio::select! {
-                                _ = tokio::time::sleep(wait) => {}
-                                _ = self.shutdown.cancelled() => {}
-                            }
-                        }
-                    }
-                }
+            if let Err(e) = waited {
+                break Err(e);
             }
-        }
+        };
         runner.finish().await;
-        let _ = self.ctx.locks.unlock(&client, &owner_key(&name)).await;
-        Ok(())
+        let _ = self.ctx.locks.unlock(&client, LockKey::Owner(&name)).await;
+        result
     }
 
-    /// Waits for a notification, the poll interval, or shutdown.
+    /// Reads where the projector stands, and plays its next batch if any.
+    async fn step(
+        &mut self,
+        client: &mut Client,
+        runner: &mut Runner,
+        reader: &mut Reader,
+        retries: &mut u32,
+    ) -> Result<Next> {
+        let ctx = &self.ctx;
+        let name = &self.projector.name;
+        // The ledger is the truth: a reset or a rebuild may have moved the position.
+        let Some(row) = ctx
+            .database
+            .within(ctx.ledger.row(&*client, name))
+            .await??
+        else {
+            return Ok(Next::Leave);
+        };
+        if row.state != State::Live {
+            tracing::info!(
+                "projector `{name}` is {} now: play leaves it",
+                row.state.as_str()
+            );
+            return Ok(Next::Leave);
+        }
+        if row.version != self.projector.version {
+            tracing::warn!(
+                "projector `{name}` is at version {} now and this runner plays version {}: it leaves the projector alone (restart play with the new manifest)",
+                row.version,
+                self.projector.version
+            );
+            return Ok(Next::Leave);
+        }
+        let pos = row.position;
+        let bound = ctx.database.within(self.after_bound(client)).await??;
+        let plan = ctx
+            .database
+            .within(reader.plan(&self.shape, &*client, pos, bound, self.opts.batch_size))
+            .await??;
+        let (end, gaps) = match plan {
+            Plan::CaughtUp => return Ok(Next::Idle),
+            // What releases it notifies nobody: look again soon.
+            Plan::Held { .. } => return Ok(Next::Soon),
+            Plan::Batch { end, gaps } => (end, gaps),
+        };
+        let policy = match self.projector.on_error {
+            OnError::Stop => OnFailure::Break,
+            OnError::Skip => OnFailure::Skip,
+            OnError::Retry if *retries >= self.projector.max_retries => OnFailure::Break,
+            OnError::Retry => OnFailure::Retry,
+        };
+        let player = Player {
+            ctx,
+            shape: &self.shape,
+            projector: &self.projector,
+            run: Run::Play,
+            state: State::Live,
+            lock_each_batch: true,
+        };
+        let range = Range {
+            from: pos,
+            to: end,
+            gaps: &gaps,
+        };
+        Ok(match player.batch(client, runner, range, policy).await? {
+            Batch::Locked => Next::Idle, // A boot or reset holds it.
+            Batch::Stale(why) => {
+                tracing::warn!("projector `{name}`: {why}; this runner leaves it alone");
+                Next::Leave
+            }
+            Batch::Done { handled } => {
+                *retries = 0;
+                self.metrics.processed(name, handled);
+                Next::Again
+            }
+            Batch::Failed {
+                handled, failure, ..
+            } => {
+                self.metrics.processed(name, handled);
+                self.metrics.failed(name);
+                self.after_failure(policy, &failure, retries).await
+            }
+        })
+    }
+
+    async fn after_failure(
+        &self,
+        policy: OnFailure,
+        failure: &HandlerFailure,
+        retries: &mut u32,
+    ) -> Next {
+        let name = &self.projector.name;
+        match policy {
+            OnFailure::Break => {
+                tracing::error!("projector `{name}` broke at event {}", failure.short());
+                let doc = crate::engine::alert::projector_broken(
+                    &self.ctx,
+                    Run::Play,
+                    name,
+                    failure,
+                    None,
+                );
+                if let Err(e) = crate::engine::alert::send(&self.ctx, &doc).await {
+                    tracing::warn!("{e}");
+                }
+                Next::Leave
+            }
+            OnFailure::Skip => {
+                tracing::warn!(
+                    "projector `{name}` skipped event {} (dead letter recorded)",
+                    failure.short()
+                );
+                Next::Again
+            }
+            OnFailure::Retry => {
+                *retries += 1;
+                let wait = Duration::from_secs(1u64 << (*retries).min(6));
+                tracing::warn!(
+                    "projector `{name}` failed at event {}; retry {retries} of {} in {}",
+                    failure.short(),
+                    self.projector.max_retries,
+                    humantime::format_duration(wait)
+                );
+                Next::Wait(wait)
+            }
+        }
+    }
+
+    /// Waits for a notification, the poll interval, or shutdown; never longer
+    /// than a heartbeat (the owner's session must not look dead to the server).
     async fn idle(&mut self) {
+        let wait = self.opts.poll.min(self.ctx.database.liveness().heartbeat());
         tokio::select! {
             _ = self.wake.changed() => {}
-            _ = tokio::time::sleep(self.opts.poll) => {}
+            _ = tokio::time::sleep(wait) => {}
             _ = self.shutdown.cancelled() => {}
         }
     }
 
+    /// Waits `wait` (or until shutdown), with heartbeats on the owner's session.
+    async fn pause(&self, client: &Client, wait: Duration) -> Result<()> {
+        let until = Instant::now() + wait;
+        let heartbeat = self.ctx.database.liveness().heartbeat();
+        loop {
+            let left = until.saturating_duration_since(Instant::now());
+            if left.is_zero() {
+                return Ok(());
+            }
+            tokio::select! {
+                _ = tokio::time::sleep(left.min(heartbeat)) => {}
+                _ = self.shutdown.cancelled() => return Ok(()),
+            }
+            if Instant::now() < until {
+                self.ctx.database.heartbeat(client).await?;
+            }
+        }
+    }
+
     /// Never past what the `after` projectors have committed.
-    async fn after_bound(&self, client: &Client, head: Position) -> Result<Position> {
-        let mut bound = head;
+    async fn after_bound(&self, client: &Client) -> Result<Option<Position>> {
+        let mut bound: Option<Position> = None;
         for dep in &self.projector.after {
             let dep_pos = self
                 .ctx
                 .ledger
                 .row(client, dep)
-                .await?
+                .await
+                .context("reading an `after` projector's position")?
                 .map(|r| r.position)
                 .unwrap_or_default();
-            bound = bound.min(dep_pos);
+            bound = Some(bound.map_or(dep_pos, |b| b.min(dep_pos)));
         }
         Ok(bound)
-    }
-
-    async fn alert(&self, failure: &HandlerFailure) {
-        let Some(command) = &self.ctx.manifest.alert else {
-            return;
-        };
-        let doc = serde_json::json!({
-            "event": "projector_broken",
-            "run": "play",
-            "projector": self.projector.name,
-            "position": failure.position,
-            "type": failure.event_type,
-            "stream": failure.stream,
-            "error": failure.message,
-            "detail": failure.detail,
-            "hint": failure.hint,
-            "sqlstate": failure.sqlstate,
-            "database": self.ctx.database.target(),
-            "time": chrono::Utc::now().to_rfc3339(),
-        });
-        if let Err(e) = crate::engine::alert::run(command, self.ctx.manifest.dir(), &doc).await {
-            tracing::warn!("{e}");
-        }
     }
 }

@@ -1,17 +1,18 @@
-//! `reset`: rebuild projectors from scratch. In one transaction, holding the
-//! projector's lock so a runner cannot interleave, truncate its owned tables
-//! (or run its `reset` SQL) and put its position back to the start (the head
-//! for `from_now`), state `booting`; then replay it as boot does. Several
+//! `reset`: rebuild projectors from scratch. Holding the projector's lock so
+//! a runner cannot interleave, empty its owned tables (or run its `reset`
+//! SQL) and put its position back to the start (the head for `from_now`),
+//! state `booting`, in one transaction; then replay it as boot does. Several
 //! projectors are reset independently: one failing leaves the others done.
 
 use anyhow::Result;
 
+use crate::db::Session;
 use crate::engine::Context;
-use crate::engine::boot::{self, BootOptions, BootReport, reset_tables};
+use crate::engine::boot::{self, BootOptions, BootReport};
 use crate::error::Failure;
-use crate::manifest::Mode;
+use crate::ledger::{LockKey, Run};
 use crate::report::progress::Progress;
-use crate::store::{Position, StoreShape};
+use crate::store::StoreShape;
 
 #[derive(Clone, Debug)]
 pub struct ResetOptions {
@@ -38,13 +39,7 @@ pub fn check(ctx: &Context, names: &[String], allow_side_effects: bool) -> Resul
         .into());
     }
     for name in names {
-        let Some(p) = ctx.manifest.projector(name) else {
-            return Err(Failure::Usage(format!(
-                "no projector `{name}` in {}",
-                ctx.manifest.path.display()
-            ))
-            .into());
-        };
+        let p = ctx.projector(name)?;
         if p.side_effects && !allow_side_effects {
             return Err(Failure::Usage(format!(
                 "projector `{name}` has side effects: a reset replays them (every email sent again)\n  \
@@ -64,7 +59,7 @@ pub async fn reset(
     progress: &Progress,
 ) -> Result<Vec<ResetOutcome>> {
     check(ctx, names, opts.allow_side_effects)?;
-    let mut control = ctx.connect("reset").await?;
+    let mut control = ctx.connect("reset", Session::Reader).await?;
     ctx.ledger.ensure_exists(&control).await?;
     let shape = crate::engine::validate::validate(&ctx.manifest, &mut control).await?;
     let mut outcomes = Vec::new();
@@ -73,9 +68,11 @@ pub async fn reset(
         let replay = if opts.no_replay {
             None
         } else {
-            let mut b = opts.boot.clone();
-            b.names = vec![name.clone()];
-            b.run = "reset";
+            let b = BootOptions {
+                names: vec![name.clone()],
+                run: Run::Reset,
+                ..opts.boot.clone()
+            };
             Some(boot::boot(ctx, b, progress).await?)
         };
         outcomes.push(ResetOutcome {
@@ -92,30 +89,14 @@ async fn reset_one(
     name: &str,
     opts: &ResetOptions,
 ) -> Result<()> {
-    let p = ctx.manifest.projector(name).expect("checked");
-    let mut client = ctx.connect("reset").await?;
-    let key = format!("projector:{name}");
-    ctx.locks
-        .lock(
-            &client,
-            &key,
-            &format!("projector `{name}`"),
-            opts.boot.lock_timeout,
-        )
-        .await?;
-    let start = if p.mode == Mode::FromNow {
-        shape
-            .release_head(&client, ctx.ledger.schema(), opts.boot.writer_wait)
-            .await?
-    } else {
-        Position::START
-    };
-    let time = shape.time_at(&client, start).await?;
-    let tx = client.transaction().await?;
-    reset_tables(&tx, p).await?;
-    ctx.ledger.start(&tx, p, start, time).await?;
-    tx.commit().await?;
-    ctx.locks.unlock(&client, &key).await.ok();
+    let p = ctx.projector(name)?;
+    let mut client = ctx.connect("reset", Session::Holder).await?;
+    let key = LockKey::Projector(name);
+    ctx.locks.lock(&client, key, opts.boot.lock_timeout).await?;
+    let start =
+        crate::engine::start::rebuild_in_place(ctx, shape, &mut client, p, opts.boot.writer_wait)
+            .await?;
+    ctx.locks.unlock(&client, key).await.ok();
     tracing::info!("reset projector `{name}`: tables emptied, position {start}, state booting");
     Ok(())
 }

@@ -1,7 +1,8 @@
 //! `status`: where every projector stands. A handful of queries whatever the
-//! number of projectors: the ledger, the head of the store (by its index, never
-//! a scan), and the transactions holding the head back. Lag is counted in
-//! positions, so it costs nothing on a store of any size.
+//! number of projectors: the ledger, the head of the store (by its index,
+//! never a scan), the transactions holding the head back, and the late
+//! events (one indexed lookup per passed hole). Lag is counted in positions,
+//! so it costs nothing on a store of any size.
 
 use std::collections::HashSet;
 
@@ -10,8 +11,9 @@ use chrono::{DateTime, Utc};
 use tokio_postgres::Client;
 
 use crate::engine::Context;
-use crate::ledger::State;
-use crate::store::StoreShape;
+use crate::ledger::{FailureRow, HoleRow, LateEvent, LedgerRow, State};
+use crate::manifest::Projector;
+use crate::store::{Holder, StoreShape};
 
 /// A projector's state as status shows it: the ledger's, or derived.
 #[derive(Clone, Copy, Debug, PartialEq, Eq, serde::Serialize)]
@@ -45,15 +47,6 @@ pub struct Head {
     pub time: Option<DateTime<Utc>>,
 }
 
-/// A running transaction that holds the head back.
-#[derive(Clone, Debug, serde::Serialize)]
-pub struct Holder {
-    pub pid: i32,
-    pub seconds: f64,
-    pub application: String,
-    pub state: String,
-}
-
 #[derive(Clone, Debug, serde::Serialize)]
 pub struct ProjectorStatus {
     pub name: String,
@@ -75,6 +68,8 @@ pub struct ProjectorStatus {
     pub side_effects: bool,
     pub tables: Vec<String>,
     pub events_processed: i64,
+    /// Events that appeared inside holes it had passed: never applied.
+    pub late_events: Vec<LateEvent>,
 }
 
 #[derive(Clone, Debug, serde::Serialize)]
@@ -108,35 +103,68 @@ impl std::str::FromStr for MaxLag {
     }
 }
 
-impl StatusReport {
-    /// Projectors over the limit, broken or stalled: what makes status exit 1.
-    pub fn unhealthy(&self, max_lag: Option<MaxLag>) -> Vec<String> {
-        let mut out = Vec::new();
-        for p in &self.projectors {
-            if p.state.is_unhealthy() {
-                out.push(format!("{} is {}", p.name, p.state.as_str()));
-                continue;
-            }
-            if !matches!(p.state, ShownState::Ledger(State::Live | State::Booting)) {
-                continue;
-            }
-            match max_lag {
-                Some(MaxLag::Events(n)) if p.lag.unwrap_or(0) > n => out.push(format!(
-                    "{} lags {} events (max {n})",
-                    p.name,
-                    p.lag.unwrap_or(0)
-                )),
-                Some(MaxLag::Seconds(s)) if p.behind_seconds.unwrap_or(0.0) > s => {
-                    out.push(format!(
-                        "{} is {:.0}s behind (max {s:.0}s)",
-                        p.name,
-                        p.behind_seconds.unwrap_or(0.0)
-                    ))
-                }
-                _ => {}
-            }
+impl ProjectorStatus {
+    /// Why this projector makes status exit 1, if it does.
+    pub fn unhealthy(&self, max_lag: Option<MaxLag>) -> Option<String> {
+        if self.state.is_unhealthy() {
+            return Some(format!("{} is {}", self.name, self.state.as_str()));
         }
-        out
+        if !self.late_events.is_empty() {
+            return Some(format!(
+                "{} missed {} late event(s) (reset it to apply them)",
+                self.name,
+                self.late_events.len()
+            ));
+        }
+        if !matches!(self.state, ShownState::Ledger(State::Live | State::Booting)) {
+            return None;
+        }
+        match max_lag {
+            Some(MaxLag::Events(n)) if self.lag.unwrap_or(0) > n => Some(format!(
+                "{} lags {} events (max {n})",
+                self.name,
+                self.lag.unwrap_or(0)
+            )),
+            Some(MaxLag::Seconds(s)) if self.behind_seconds.unwrap_or(0.0) > s => Some(format!(
+                "{} is {:.0}s behind (max {s:.0}s)",
+                self.name,
+                self.behind_seconds.unwrap_or(0.0)
+            )),
+            _ => None,
+        }
+    }
+
+    fn new_in_manifest(p: &Projector) -> ProjectorStatus {
+        ProjectorStatus {
+            name: p.name.clone(),
+            mode: p.mode.as_str().into(),
+            state: ShownState::New,
+            position: None,
+            lag: None,
+            behind_seconds: None,
+            updated_at: None,
+            error: None,
+            error_position: None,
+            error_type: None,
+            missing_since: None,
+            waiting_for: Vec::new(),
+            version: None,
+            side_effects: p.side_effects,
+            tables: p.tables.clone(),
+            events_processed: 0,
+            late_events: Vec::new(),
+        }
+    }
+}
+
+impl StatusReport {
+    /// Projectors over the limit, broken, stalled or with late events: what
+    /// makes status exit 1.
+    pub fn unhealthy(&self, max_lag: Option<MaxLag>) -> Vec<String> {
+        self.projectors
+            .iter()
+            .filter_map(|p| p.unhealthy(max_lag))
+            .collect()
     }
 }
 
@@ -151,94 +179,35 @@ pub async fn status(ctx: &Context, client: &Client) -> Result<StatusReport> {
         Some((p, t)) => (p.id, t),
         None => (0, None),
     };
-    let holding = holders(client, &shape).await?;
+    let holding = crate::store::reader::holders(&shape, client).await?;
+    let late = crate::engine::late::find(ctx, &shape, client, &[]).await?;
     let now = Utc::now();
-
+    let head = Head {
+        position: head_pos,
+        time: head_time,
+    };
+    let mut projectors: Vec<ProjectorStatus> = ctx
+        .manifest
+        .projectors
+        .iter()
+        .filter(|p| !rows.iter().any(|r| r.name == p.name))
+        .map(ProjectorStatus::new_in_manifest)
+        .collect();
     let in_manifest: HashSet<&str> = ctx
         .manifest
         .projectors
         .iter()
         .map(|p| p.name.as_str())
         .collect();
-    let mut projectors = Vec::new();
-    for p in &ctx.manifest.projectors {
-        match rows.iter().find(|r| r.name == p.name) {
-            Some(_) => {}
-            None => projectors.push(ProjectorStatus {
-                name: p.name.clone(),
-                mode: p.mode.as_str().into(),
-                state: ShownState::New,
-                position: None,
-                lag: None,
-                behind_seconds: None,
-                updated_at: None,
-                error: None,
-                error_position: None,
-                error_type: None,
-                missing_since: None,
-                waiting_for: Vec::new(),
-                version: None,
-                side_effects: p.side_effects,
-                tables: p.tables.clone(),
-                events_processed: 0,
-            }),
-        }
-    }
     for r in &rows {
         let orphaned = !in_manifest.contains(r.name.as_str()) && r.state != State::Retired;
-        let pos = r.position.id;
-        let caught_up = pos >= head_pos;
-        let behind = match (head_time, r.event_time) {
-            _ if caught_up => Some(0.0),
-            (Some(h), Some(e)) => Some(((h - e).num_milliseconds() as f64 / 1000.0).max(0.0)),
-            (Some(_), None) => None,
-            _ => None,
-        };
-        let waiting_for = ctx
-            .manifest
-            .projector(&r.name)
-            .map(|p| {
-                p.after
-                    .iter()
-                    .filter(|d| {
-                        rows.iter().any(|o| {
-                            &o.name == *d && o.position.id <= pos && o.position.id < head_pos
-                        })
-                    })
-                    .cloned()
-                    .collect()
-            })
-            .unwrap_or_default();
-        projectors.push(ProjectorStatus {
-            name: r.name.clone(),
-            mode: r.mode.clone(),
-            state: if orphaned {
-                ShownState::Orphaned
-            } else {
-                ShownState::Ledger(r.state)
-            },
-            position: Some(pos),
-            lag: if orphaned || r.state == State::Retired {
-                None
-            } else {
-                Some((head_pos - pos).max(0))
-            },
-            behind_seconds: if orphaned || r.state == State::Retired {
-                None
-            } else {
-                behind
-            },
-            updated_at: Some(r.updated_at),
-            error: r.error.clone(),
-            error_position: r.error_position,
-            error_type: r.error_type.clone(),
-            missing_since: r.missing_since,
-            waiting_for,
-            version: Some(r.version),
-            side_effects: r.side_effects,
-            tables: r.tables.clone(),
-            events_processed: r.events_processed,
-        });
+        let mut s = from_row(ctx, r, &rows, &head, orphaned);
+        s.late_events = late
+            .iter()
+            .filter(|l| l.projector == r.name)
+            .cloned()
+            .collect();
+        projectors.push(s);
     }
     // Manifest order first, then the ledger's others by name.
     let order: Vec<&str> = ctx
@@ -257,100 +226,158 @@ pub async fn status(ctx: &Context, client: &Client) -> Result<StatusReport> {
         )
     });
     Ok(StatusReport {
-        head: Head {
-            position: head_pos,
-            time: head_time,
-        },
+        head,
         holding,
         projectors,
         time: now,
     })
 }
 
-/// Transactions that hold the head back: with a transaction column, the
-/// oldest transactions with an xid; without, writers on the events table.
-/// Only those running for more than a second are worth a line.
-async fn holders(client: &Client, shape: &StoreShape) -> Result<Vec<Holder>> {
-    let sql = if shape.transaction.is_some() {
-        "SELECT pid, extract(epoch FROM clock_timestamp() - xact_start)::float8, application_name, state \
-         FROM pg_stat_activity WHERE backend_xid IS NOT NULL AND pid <> pg_backend_pid() \
-           AND datname = current_database() \
-           AND xact_start < clock_timestamp() - interval '1 second' \
-         ORDER BY xact_start LIMIT 3"
-            .to_string()
-    } else {
-        "SELECT a.pid, extract(epoch FROM clock_timestamp() - a.xact_start)::float8, a.application_name, a.state \
-         FROM pg_locks l JOIN pg_stat_activity a ON a.pid = l.pid \
-         WHERE l.locktype = 'relation' AND l.relation = $1::text::regclass AND l.mode = 'RowExclusiveLock' \
-           AND l.database = (SELECT oid FROM pg_database WHERE datname = current_database()) \
-           AND a.pid <> pg_backend_pid() AND a.xact_start < clock_timestamp() - interval '1 second' \
-         ORDER BY a.xact_start LIMIT 3"
-            .to_string()
+/// A projector with a ledger row, as status shows it.
+fn from_row(
+    ctx: &Context,
+    r: &LedgerRow,
+    rows: &[LedgerRow],
+    head: &Head,
+    orphaned: bool,
+) -> ProjectorStatus {
+    let pos = r.position.id;
+    let behind = match (head.time, r.event_time) {
+        _ if pos >= head.position => Some(0.0),
+        (Some(h), Some(e)) => Some(((h - e).num_milliseconds() as f64 / 1000.0).max(0.0)),
+        _ => None,
     };
-    let rows = if shape.transaction.is_some() {
-        client.query(&sql, &[]).await?
-    } else {
-        client.query(&sql, &[&shape.regclass]).await?
-    };
-    Ok(rows
-        .into_iter()
-        .map(|r| Holder {
-            pid: r.get(0),
-            seconds: r.get::<_, Option<f64>>(1).unwrap_or(0.0),
-            application: r.get::<_, Option<String>>(2).unwrap_or_default(),
-            state: r.get::<_, Option<String>>(3).unwrap_or_default(),
+    let waiting_for = ctx
+        .manifest
+        .projector(&r.name)
+        .map(|p| {
+            p.after
+                .iter()
+                .filter(|d| {
+                    rows.iter().any(|o| {
+                        &o.name == *d && o.position.id <= pos && o.position.id < head.position
+                    })
+                })
+                .cloned()
+                .collect()
         })
-        .collect())
+        .unwrap_or_default();
+    let gone = orphaned || r.state == State::Retired;
+    ProjectorStatus {
+        name: r.name.clone(),
+        mode: r.mode.as_str().into(),
+        state: if orphaned {
+            ShownState::Orphaned
+        } else {
+            ShownState::Ledger(r.state)
+        },
+        position: Some(pos),
+        lag: (!gone).then(|| (head.position - pos).max(0)),
+        behind_seconds: if gone { None } else { behind },
+        updated_at: Some(r.updated_at),
+        error: r.error.clone(),
+        error_position: r.error_position,
+        error_type: r.error_type.clone(),
+        missing_since: r.missing_since,
+        waiting_for,
+        version: Some(r.version),
+        side_effects: r.side_effects,
+        tables: r.tables.clone(),
+        events_processed: r.events_processed,
+        late_events: Vec::new(),
+    }
 }
 
-/// One projector in detail: its failures and the holes passed.
+/// One projector in detail: its failures and the holes it passed.
 #[derive(Clone, Debug, serde::Serialize)]
 pub struct Detail {
     pub failures: Vec<FailureRow>,
-    pub holes: Vec<(i64, i64, DateTime<Utc>)>,
-}
-
-#[derive(Clone, Debug, serde::Serialize)]
-pub struct FailureRow {
-    pub position: i64,
-    pub event_type: Option<String>,
-    pub error: String,
-    pub run: String,
-    pub dead_letter: bool,
-    pub at: DateTime<Utc>,
+    pub holes: Vec<HoleRow>,
 }
 
 pub async fn detail(ctx: &Context, client: &Client, name: &str) -> Result<Detail> {
-    let failures = client
-        .query(
-            &format!(
-                "SELECT position, type, error, run, dead_letter, at FROM {} WHERE projector = $1 ORDER BY at DESC, id DESC LIMIT 10",
-                ctx.ledger.table("failures")
-            ),
-            &[&name],
-        )
-        .await?
-        .into_iter()
-        .map(|r| FailureRow {
-            position: r.get(0),
-            event_type: r.get(1),
-            error: r.get(2),
-            run: r.get(3),
-            dead_letter: r.get(4),
-            at: r.get(5),
-        })
-        .collect();
-    let holes = client
-        .query(
-            &format!(
-                "SELECT first_position, last_position, passed_at FROM {} ORDER BY first_position DESC LIMIT 10",
-                ctx.ledger.table("holes")
-            ),
-            &[],
-        )
-        .await?
-        .into_iter()
-        .map(|r| (r.get(0), r.get(1), r.get(2)))
-        .collect();
-    Ok(Detail { failures, holes })
+    Ok(Detail {
+        failures: ctx.ledger.failures(client, name).await?,
+        holes: ctx.ledger.holes(client, name).await?,
+    })
+}
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+
+    fn shown(state: ShownState, lag: i64, behind: f64) -> ProjectorStatus {
+        ProjectorStatus {
+            name: "p".into(),
+            mode: "from_beginning".into(),
+            state,
+            position: Some(10),
+            lag: Some(lag),
+            behind_seconds: Some(behind),
+            updated_at: None,
+            error: None,
+            error_position: None,
+            error_type: None,
+            missing_since: None,
+            waiting_for: Vec::new(),
+            version: Some(1),
+            side_effects: false,
+            tables: Vec::new(),
+            events_processed: 0,
+            late_events: Vec::new(),
+        }
+    }
+
+    #[test]
+    fn health_broken_stalled_late_and_lag() {
+        let live = ShownState::Ledger(State::Live);
+        assert!(shown(live, 0, 0.0).unhealthy(None).is_none());
+        assert!(
+            shown(ShownState::Ledger(State::Broken), 0, 0.0)
+                .unhealthy(None)
+                .is_some()
+        );
+        assert!(
+            shown(ShownState::Ledger(State::Stalled), 0, 0.0)
+                .unhealthy(None)
+                .is_some()
+        );
+        assert!(shown(ShownState::New, 0, 0.0).unhealthy(None).is_none());
+        let mut late = shown(live, 0, 0.0);
+        late.late_events.push(LateEvent {
+            projector: "p".into(),
+            position: 3,
+            event_type: Some("A".into()),
+        });
+        assert!(late.unhealthy(None).unwrap().contains("late event"));
+        assert!(
+            shown(live, 101, 0.0)
+                .unhealthy(Some(MaxLag::Events(100)))
+                .is_some()
+        );
+        assert!(
+            shown(live, 100, 0.0)
+                .unhealthy(Some(MaxLag::Events(100)))
+                .is_none()
+        );
+        assert!(
+            shown(live, 1, 31.0)
+                .unhealthy(Some(MaxLag::Seconds(30.0)))
+                .is_some()
+        );
+        // An orphan is never over the lag limit.
+        assert!(
+            shown(ShownState::Orphaned, 1000, 1000.0)
+                .unhealthy(Some(MaxLag::Events(1)))
+                .is_none()
+        );
+    }
+
+    #[test]
+    fn max_lag_parses_events_and_durations() {
+        assert_eq!("100".parse::<MaxLag>(), Ok(MaxLag::Events(100)));
+        assert_eq!("30s".parse::<MaxLag>(), Ok(MaxLag::Seconds(30.0)));
+        assert!("-1".parse::<MaxLag>().is_err());
+        assert!("soon".parse::<MaxLag>().is_err());
+    }
 }

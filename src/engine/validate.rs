@@ -80,8 +80,15 @@ pub async fn validate(manifest: &Manifest, client: &mut Client) -> Result<StoreS
         }
         for c in &p.checks {
             for (which, query) in [("projection", &c.projection), ("events", &c.events)] {
+                let query = crate::manifest::sql_text::substitute(
+                    query,
+                    &[
+                        ("position", "0::bigint".into()),
+                        ("transaction", "NULL::xid8".into()),
+                    ],
+                );
                 tx.batch_execute("SAVEPOINT projectionist_validate").await?;
-                match tx.prepare(query).await {
+                match tx.prepare(&query).await {
                     Ok(_) => {
                         tx.batch_execute("RELEASE SAVEPOINT projectionist_validate")
                             .await?
@@ -127,11 +134,30 @@ pub async fn validate(manifest: &Manifest, client: &mut Client) -> Result<StoreS
         }
     }
     tx.rollback().await?;
-    if problems.is_empty() {
-        Ok(shape.expect("a store shape when there are no problems"))
-    } else {
-        Err(manifest.error(problems).into())
+    match shape {
+        Some(shape) if problems.is_empty() => Ok(shape),
+        _ => Err(manifest.error(problems).into()),
     }
+}
+
+/// Advice about a manifest that works but could work better (printed by
+/// `validate`): checks that cannot be compared while their projector lags.
+pub fn advice(manifest: &Manifest) -> Vec<String> {
+    let mut out = Vec::new();
+    for p in &manifest.projectors {
+        for c in &p.checks {
+            if !crate::manifest::sql_text::uses(&c.events, "position")
+                && !crate::manifest::sql_text::uses(&c.projection, "position")
+            {
+                out.push(format!(
+                    "check \"{}\" of `{}` does not use :position: verify cannot compare it while `{}` is behind the head \
+                     (it says BEHIND); stop its events query at the projector's position, e.g. `AND id <= :position`",
+                    c.name, p.name, p.name
+                ));
+            }
+        }
+    }
+    out
 }
 
 fn db_problem(span: crate::manifest::Span, message: String, e: &tokio_postgres::Error) -> Problem {

@@ -2,7 +2,7 @@
 //! process that reads events as JSON lines on stdin and acknowledges them on
 //! stdout.
 //!
-//! The protocol (PRODUCT.md, "Command projectors"): one JSON object per event
+//! The protocol: one JSON object per event
 //! (`position`, `type`, `stream`, `time`, `data`, `metadata`), then
 //! `{"checkpoint": P}` at the end of each batch; the process answers
 //! `{"ack": P}` once every event up to P is done, or
@@ -21,7 +21,9 @@ use tokio::process::{Child, ChildStdin};
 use tokio::sync::mpsc;
 use tokio_postgres::GenericClient;
 
-use crate::handlers::sql::HandlerFailure;
+use crate::db::Database;
+use crate::failure::{HandlerFailure, Origin};
+use crate::ledger::Run;
 use crate::manifest::Projector;
 use crate::store::{Position, StoreShape};
 
@@ -67,11 +69,75 @@ fn parse_reply(line: &str) -> Reply {
     }
 }
 
+/// Why a delivery ended early.
+#[derive(Debug)]
+enum Stop {
+    /// `{"error": …, "position": P}`: it stopped at P.
+    ErrorLine { position: i64, message: String },
+    /// Writing to its stdin failed.
+    StdinClosed(std::io::Error),
+    /// It exited with a failure.
+    Exited(std::process::ExitStatus),
+    /// It closed its stdout before acknowledging the checkpoint.
+    StdoutClosed {
+        status: Option<std::process::ExitStatus>,
+        checkpoint: i64,
+    },
+    /// No ack within `ack_timeout` after a checkpoint.
+    NoAck { timeout: Duration, checkpoint: i64 },
+    /// It acknowledged a position that was not sent in this batch.
+    UnknownAck(i64),
+    /// A line the protocol does not allow.
+    Protocol(String),
+    /// An event of the batch cannot be sent: its payload does not decode.
+    Undecodable(Box<HandlerFailure>),
+}
+
+impl std::fmt::Display for Stop {
+    fn fmt(&self, f: &mut std::fmt::Formatter<'_>) -> std::fmt::Result {
+        match self {
+            Stop::ErrorLine { position, message } => write!(f, "error at {position}: {message}"),
+            Stop::StdinClosed(e) => write!(f, "its stdin closed: {e}"),
+            Stop::Exited(status) => write!(f, "it exited with {status}"),
+            Stop::StdoutClosed {
+                status: Some(status),
+                checkpoint,
+            } => write!(
+                f,
+                "it closed its stdout ({status}) before acknowledging {checkpoint}"
+            ),
+            Stop::StdoutClosed {
+                status: None,
+                checkpoint,
+            } => write!(f, "it closed its stdout before acknowledging {checkpoint}"),
+            Stop::NoAck {
+                timeout,
+                checkpoint,
+            } => write!(
+                f,
+                "no ack within {} (ack_timeout) after checkpoint {checkpoint}",
+                humantime::format_duration(*timeout)
+            ),
+            Stop::UnknownAck(p) => write!(
+                f,
+                "protocol error: it acknowledged position {p}, which was not sent in this batch"
+            ),
+            Stop::Protocol(line) => write!(
+                f,
+                "protocol error: unexpected line on stdout: `{}` (expected {{\"ack\": P}} or {{\"error\": \"…\", \"position\": P}}; write logs to stderr)",
+                line.chars().take(200).collect::<String>()
+            ),
+            Stop::Undecodable(failure) => write!(f, "event #{} does not decode", failure.position),
+        }
+    }
+}
+
 /// A running command projector.
 pub struct CommandRunner {
     name: String,
     argv: Vec<String>,
-    run: &'static str,
+    run: Run,
+    database: Database,
     types: Option<Vec<String>>,
     ack_timeout: Duration,
     dir: std::path::PathBuf,
@@ -101,12 +167,19 @@ pub enum Delivery {
 }
 
 impl CommandRunner {
-    /// `dir`: where the command runs (the manifest's directory).
-    pub fn new(p: &Projector, run: &'static str, dir: &std::path::Path) -> CommandRunner {
+    /// `dir`: where the command runs (the manifest's directory); `argv` its command.
+    pub fn new(
+        p: &Projector,
+        argv: &[String],
+        run: Run,
+        database: &Database,
+        dir: &std::path::Path,
+    ) -> CommandRunner {
         CommandRunner {
             name: p.name.clone(),
-            argv: p.command.clone().expect("a command projector"),
+            argv: argv.to_vec(),
             run,
+            database: database.clone(),
             types: p.events.clone(),
             ack_timeout: p.ack_timeout,
             dir: dir.to_path_buf(),
@@ -118,7 +191,7 @@ impl CommandRunner {
         let mut child = tokio::process::Command::new(&self.argv[0])
             .args(&self.argv[1..])
             .env("PROJECTIONIST_PROJECTOR", &self.name)
-            .env("PROJECTIONIST_RUN", self.run)
+            .env("PROJECTIONIST_RUN", self.run.as_str())
             .current_dir(&self.dir)
             .stdin(Stdio::piped())
             .stdout(Stdio::piped())
@@ -132,9 +205,14 @@ impl CommandRunner {
                     self.argv.join(" ")
                 )
             })?;
-        let stdin = BufWriter::with_capacity(256 * 1024, child.stdin.take().expect("piped"));
+        let (Some(stdin), Some(stdout), Some(child_stderr)) =
+            (child.stdin.take(), child.stdout.take(), child.stderr.take())
+        else {
+            anyhow::bail!("the command of projector `{}` has no pipes", self.name);
+        };
+        let stdin = BufWriter::with_capacity(256 * 1024, stdin);
         let (tx, replies) = mpsc::unbounded_channel();
-        let mut stdout = BufReader::new(child.stdout.take().expect("piped")).lines();
+        let mut stdout = BufReader::new(stdout).lines();
         tokio::spawn(async move {
             while let Ok(Some(line)) = stdout.next_line().await {
                 if line.trim().is_empty() {
@@ -148,12 +226,12 @@ impl CommandRunner {
         let stderr = Arc::new(Mutex::new(VecDeque::new()));
         let tail = stderr.clone();
         let name = self.name.clone();
-        let mut err_lines = BufReader::new(child.stderr.take().expect("piped")).lines();
+        let mut err_lines = BufReader::new(child_stderr).lines();
         let stderr_done = tokio::spawn(async move {
             while let Ok(Some(line)) = err_lines.next_line().await {
                 // The child's logs, passed on (and kept for the error report).
                 tracing::info!("{name}: {line}");
-                let mut t = tail.lock().unwrap();
+                let mut t = tail.lock().unwrap_or_else(|p| p.into_inner());
                 if t.len() == STDERR_TAIL {
                     t.pop_front();
                 }
@@ -170,6 +248,8 @@ impl CommandRunner {
     }
 
     /// Delivers the events in (from, to] and waits for their acknowledgement.
+    /// `client` reads the events; while the process works, it is kept alive
+    /// with heartbeats.
     pub async fn deliver(
         &mut self,
         shape: &StoreShape,
@@ -182,197 +262,292 @@ impl CommandRunner {
         {
             self.process = None;
         }
-        if self.process.is_none() {
-            self.process = Some(self.spawn()?);
+        let mut process = match self.process.take() {
+            Some(p) => p,
+            None => self.spawn()?,
+        };
+        let mut batch = Sent::default();
+        let (stop, undecodable) = match self
+            .send(&mut process, &mut batch, shape, client, from, to)
+            .await
+        {
+            Ok(Some(Stop::Undecodable(f))) => (None, Some(f)),
+            Ok(stop) => (stop, None),
+            Err(e) => {
+                self.process = Some(process);
+                return Err(e);
+            }
+        };
+        // The events before an undecodable one are delivered and acknowledged first.
+        let stop = match (stop, batch.events.last()) {
+            (Some(stop), _) => Some(stop),
+            (None, None) => None,
+            (None, Some((last, _))) => {
+                let last = last.id;
+                self.await_checkpoint(&mut process, &mut batch, client, last)
+                    .await?
+            }
+        };
+        let sent = batch.events.len() as i64;
+        match (stop, undecodable) {
+            (Some(stop), _) => Ok(self.failed(process, batch, stop).await),
+            (None, Some(failure)) => {
+                self.process = Some(process);
+                Ok(Delivery::Failed {
+                    acked: batch.events.last().map(|(p, _)| *p),
+                    sent,
+                    failure,
+                })
+            }
+            (None, None) => {
+                self.process = Some(process);
+                Ok(Delivery::Done { sent })
+            }
         }
-        let mut sent: Vec<(Position, String)> = Vec::new();
+    }
+
+    /// Writes the batch's events page by page; takes replies as they come.
+    async fn send(
+        &self,
+        process: &mut Process,
+        batch: &mut Sent,
+        shape: &StoreShape,
+        client: &impl GenericClient,
+        from: Position,
+        to: Position,
+    ) -> Result<Option<Stop>> {
         let mut after = from;
-        let mut acked: Option<usize> = None;
         loop {
-            let page = shape
+            let page = match shape
                 .read_event_lines(client, after, to, self.types.as_deref(), PAGE)
-                .await?;
-            let Some(last) = page.last().map(|(p, _, _)| *p) else {
-                break;
-            };
-            let process = self.process.as_mut().expect("spawned");
-            for (pos, event_type, line) in page {
-                if let Err(e) = write_line(&mut process.stdin, &line).await {
-                    sent.push((pos, event_type));
-                    return self
-                        .failed(&sent, acked, format!("its stdin closed: {e}"))
-                        .await;
+                .await
+            {
+                Ok(page) => page,
+                Err(e) if crate::error::trouble(&e) == crate::error::Trouble::Other => {
+                    // A row that does not decode: find it, and stop before it.
+                    return match self.undecodable(shape, client, after, to, &e).await {
+                        Some(failure) => Ok(Some(Stop::Undecodable(failure))),
+                        None => Err(e),
+                    };
                 }
-                sent.push((pos, event_type));
+                Err(e) => return Err(e),
+            };
+            let Some(last) = page.last().map(|(p, _, _)| *p) else {
+                return Ok(None);
+            };
+            for (pos, event_type, line) in page {
+                batch.events.push((pos, event_type));
+                let write = write_line(&mut process.stdin, &line);
+                if let Err(e) = self.database.keep_alive(client, write).await? {
+                    return Ok(Some(Stop::StdinClosed(e)));
+                }
             }
             // Acks and errors may come while we write; take them as they come.
             while let Ok(reply) = process.replies.try_recv() {
-                if let Some(end) = take_reply(reply, &sent, &mut acked) {
-                    return self.failed(&sent, acked, end).await;
+                if let Some(stop) = batch.take(reply) {
+                    return Ok(Some(stop));
                 }
             }
             after = last;
         }
-        let Some((last, _)) = sent.last().cloned() else {
-            return Ok(Delivery::Done { sent: 0 });
-        };
-        let process = self.process.as_mut().expect("spawned");
-        let checkpoint = format!("{{\"checkpoint\":{}}}\n", last.id);
-        if let Err(e) = async {
+    }
+
+    /// Sends the checkpoint and waits for everything to be acknowledged.
+    async fn await_checkpoint(
+        &self,
+        process: &mut Process,
+        batch: &mut Sent,
+        client: &impl GenericClient,
+        last: i64,
+    ) -> Result<Option<Stop>> {
+        let checkpoint = format!("{{\"checkpoint\":{last}}}\n");
+        let write = async {
             process.stdin.write_all(checkpoint.as_bytes()).await?;
             process.stdin.flush().await
-        }
-        .await
-        {
-            return self
-                .failed(&sent, acked, format!("its stdin closed: {e}"))
-                .await;
+        };
+        if let Err(e) = self.database.keep_alive(client, write).await? {
+            return Ok(Some(Stop::StdinClosed(e)));
         }
         loop {
-            if acked == Some(sent.len() - 1) {
-                return Ok(Delivery::Done {
-                    sent: sent.len() as i64,
-                });
+            if batch.all_acked() {
+                return Ok(None);
             }
-            let process = self.process.as_mut().expect("spawned");
-            let reply = tokio::time::timeout(self.ack_timeout, process.replies.recv()).await;
-            let end = match reply {
-                Err(_) => Some(format!(
-                    "no ack within {} (ack_timeout) after checkpoint {}",
-                    humantime::format_duration(self.ack_timeout),
-                    last.id
-                )),
-                Ok(None) => Some(match process.child.wait().await {
-                    Ok(status) if !status.success() => format!("it exited with {status}"),
-                    Ok(status) => format!(
-                        "it closed its stdout ({status}) before acknowledging {}",
-                        last.id
-                    ),
-                    Err(e) => format!("it closed its stdout: {e}"),
+            let wait = tokio::time::timeout(self.ack_timeout, process.replies.recv());
+            let stop = match self.database.keep_alive(client, wait).await? {
+                Err(_) => Some(Stop::NoAck {
+                    timeout: self.ack_timeout,
+                    checkpoint: last,
                 }),
-                Ok(Some(reply)) => take_reply(reply, &sent, &mut acked),
+                Ok(None) => Some(match process.child.wait().await {
+                    Ok(status) if !status.success() => Stop::Exited(status),
+                    Ok(status) => Stop::StdoutClosed {
+                        status: Some(status),
+                        checkpoint: last,
+                    },
+                    Err(_) => Stop::StdoutClosed {
+                        status: None,
+                        checkpoint: last,
+                    },
+                }),
+                Ok(Some(reply)) => batch.take(reply),
             };
-            if let Some(end) = end {
-                return self.failed(&sent, acked, end).await;
+            if stop.is_some() {
+                return Ok(stop);
             }
         }
     }
+
+    /// The first event of (after, to] that does not decode, as a failure of
+    /// that event (after a page failed to read).
+    async fn undecodable(
+        &self,
+        shape: &StoreShape,
+        client: &impl GenericClient,
+        after: Position,
+        to: Position,
+        error: &anyhow::Error,
+    ) -> Option<Box<HandlerFailure>> {
+        let mut at = after;
+        while let Ok(Some(next)) = shape.successor(client, at, to).await {
+            if shape
+                .read_event_lines(client, at, next, None, 1)
+                .await
+                .is_err()
+            {
+                return Some(Box::new(HandlerFailure {
+                    origin: Origin::Event,
+                    position: next.id,
+                    tx: next.tx,
+                    event_type: String::new(),
+                    stream: None,
+                    sqlstate: String::new(),
+                    message: format!(
+                        "the event's payload is not UTF-8 JSON: {}",
+                        crate::error::render(error)
+                    ),
+                    detail: None,
+                    hint: None,
+                    context: None,
+                }));
+            }
+            at = next;
+        }
+        None
+    }
 }
 
-/// Applies one reply; returns why delivery must end, if it must.
-fn take_reply(
-    reply: Reply,
-    sent: &[(Position, String)],
-    acked: &mut Option<usize>,
-) -> Option<String> {
-    {
+/// The events of a batch sent so far, and how far they are acknowledged.
+#[derive(Default)]
+struct Sent {
+    events: Vec<(Position, String)>,
+    /// Index of the last acknowledged event.
+    acked: Option<usize>,
+}
+
+impl Sent {
+    fn all_acked(&self) -> bool {
+        !self.events.is_empty() && self.acked == Some(self.events.len() - 1)
+    }
+
+    /// Applies one reply; returns why delivery must end, if it must.
+    fn take(&mut self, reply: Reply) -> Option<Stop> {
         match reply {
             Reply::Ack(p) => {
                 // Acks may come early and often; each covers every event up to it.
-                if let Some(i) = sent.iter().rposition(|(pos, _)| pos.id == p) {
-                    if acked.is_none_or(|a| i > a) {
-                        *acked = Some(i);
+                if let Some(i) = self.events.iter().rposition(|(pos, _)| pos.id == p) {
+                    if self.acked.is_none_or(|a| i > a) {
+                        self.acked = Some(i);
                     }
                     None
-                } else if acked.is_some_and(|a| sent[a].0.id == p)
-                    || sent.first().is_none_or(|f| p < f.0.id)
+                } else if self.acked.is_some_and(|a| self.events[a].0.id == p)
+                    || self.events.first().is_none_or(|f| p < f.0.id)
                 {
                     // A repeated or late ack of something already acknowledged.
                     None
                 } else {
-                    Some(format!(
-                        "protocol error: it acknowledged position {p}, which was not sent in this batch"
-                    ))
+                    Some(Stop::UnknownAck(p))
                 }
             }
             Reply::Error { message, position } => {
                 // Everything before the failing event counts as done.
-                if let Some(i) = sent.iter().position(|(pos, _)| pos.id == position) {
-                    *acked = if i == 0 {
-                        *acked
-                    } else {
-                        Some(i - 1).max(*acked)
-                    };
+                if let Some(i) = self.events.iter().position(|(pos, _)| pos.id == position)
+                    && i > 0
+                {
+                    self.acked = Some(i - 1).max(self.acked);
                 }
-                Some(format!("error at {position}: {message}"))
+                Some(Stop::ErrorLine { position, message })
             }
-            Reply::Protocol(line) => Some(format!(
-                "protocol error: unexpected line on stdout: `{}` (expected {{\"ack\": P}} or {{\"error\": \"…\", \"position\": P}}; write logs to stderr)",
-                line.chars().take(200).collect::<String>()
-            )),
+            Reply::Protocol(line) => Some(Stop::Protocol(line)),
         }
     }
 }
 
 impl CommandRunner {
     /// Ends the process and describes the failure at the first unacknowledged event.
-    async fn failed(
-        &mut self,
-        sent: &[(Position, String)],
-        mut acked: Option<usize>,
-        mut why: String,
-    ) -> Result<Delivery> {
-        let mut stderr_tail = String::new();
-        if let Some(mut p) = self.process.take() {
-            drop(p.stdin);
-            // Give it a moment to exit and flush its stderr, then make sure it is gone.
-            if tokio::time::timeout(Duration::from_secs(2), p.child.wait())
-                .await
-                .is_err()
+    async fn failed(&mut self, mut p: Process, mut batch: Sent, mut stop: Stop) -> Delivery {
+        drop(p.stdin);
+        // Give it a moment to exit and flush its stderr, then make sure it is gone.
+        if tokio::time::timeout(Duration::from_secs(2), p.child.wait())
+            .await
+            .is_err()
+        {
+            let _ = p.child.kill().await;
+        }
+        // What it acknowledged before it went counts (not after an error line:
+        // that is where it stopped).
+        let reported_error = matches!(stop, Stop::ErrorLine { .. });
+        while !reported_error
+            && let Ok(Some(reply)) =
+                tokio::time::timeout(Duration::from_millis(200), p.replies.recv()).await
+        {
+            if let Some(end) = batch.take(reply)
+                && !matches!(end, Stop::UnknownAck(_))
             {
-                let _ = p.child.kill().await;
-            }
-            // What it acknowledged before it went counts (not after an error line: that is
-            // where it stopped); its exit status explains a closed pipe.
-            let reported_error = why.starts_with("error at ");
-            while !reported_error
-                && let Ok(Some(reply)) =
-                    tokio::time::timeout(Duration::from_millis(200), p.replies.recv()).await
-            {
-                if let Some(end) = take_reply(reply, sent, &mut acked)
-                    && !end.starts_with("protocol error: it acknowledged")
-                {
-                    why = end;
-                    break;
-                }
-            }
-            if why.starts_with("its stdin closed")
-                && let Ok(Some(status)) = p.child.try_wait()
-                && !status.success()
-            {
-                why = format!("it exited with {status}");
-            }
-            // Every line it wrote before exiting is in the tail once its stderr closes.
-            let _ = tokio::time::timeout(Duration::from_secs(2), &mut p.stderr_done).await;
-            let tail = p.stderr.lock().unwrap();
-            if !tail.is_empty() {
-                stderr_tail = format!(
-                    "\nstderr (last {} lines):\n{}",
-                    tail.len(),
-                    tail.iter().cloned().collect::<Vec<_>>().join("\n")
-                );
+                stop = end;
+                break;
             }
         }
-        let first_unacked = acked
+        // Its exit status explains a closed pipe.
+        if matches!(stop, Stop::StdinClosed(_))
+            && let Ok(Some(status)) = p.child.try_wait()
+            && !status.success()
+        {
+            stop = Stop::Exited(status);
+        }
+        // Every line it wrote before exiting is in the tail once its stderr closes.
+        let _ = tokio::time::timeout(Duration::from_secs(2), &mut p.stderr_done).await;
+        let mut stderr_tail = String::new();
+        let tail = p.stderr.lock().unwrap_or_else(|p| p.into_inner());
+        if !tail.is_empty() {
+            stderr_tail = format!(
+                "\nstderr (last {} lines):\n{}",
+                tail.len(),
+                tail.iter().cloned().collect::<Vec<_>>().join("\n")
+            );
+        }
+        let events = &batch.events;
+        let first_unacked = batch
+            .acked
             .map(|a| a + 1)
             .unwrap_or(0)
-            .min(sent.len().saturating_sub(1));
-        let (pos, event_type) = sent.get(first_unacked).cloned().unwrap_or_default();
-        Ok(Delivery::Failed {
-            acked: acked.map(|a| sent[a].0),
-            sent: sent.len() as i64,
+            .min(events.len().saturating_sub(1));
+        let (pos, event_type) = events.get(first_unacked).cloned().unwrap_or_default();
+        Delivery::Failed {
+            acked: batch.acked.map(|a| events[a].0),
+            sent: events.len() as i64,
             failure: Box::new(HandlerFailure {
+                origin: Origin::Command,
                 position: pos.id,
                 tx: pos.tx,
                 event_type,
                 stream: None,
                 sqlstate: String::new(),
-                message: format!("command `{}` failed: {why}{stderr_tail}", self.argv.join(" ")),
+                message: format!("command `{}` failed: {stop}{stderr_tail}", self.argv.join(" ")),
                 detail: None,
                 hint: Some("the command must acknowledge each checkpoint with {\"ack\": P} on stdout and exit 0".into()),
                 context: None,
             }),
-        })
+        }
     }
 
     /// Closes stdin and waits briefly for the process to exit (end of a run).

@@ -3,20 +3,26 @@
 //! PostgreSQL with no round trip per event.
 //!
 //! The function lives in `pg_temp` (one per session), reads the batch's events
-//! itself, runs the handler statements with the event's values held in
+//! itself, decodes each payload (json, jsonb, text or bytea holding UTF-8
+//! JSON), runs the handler statements with the event's values held in
 //! PL/pgSQL variables (PL/pgSQL binds them as parameters: event data never
 //! becomes SQL text), and catches the first failure to report the failing
 //! event's position, type and stream with the database's message, detail and
 //! hint. The caller commits the batch together with the position update.
-//! A statement or lock timeout is caught too (`query_canceled` is not part of
-//! `others`): it is the failure of the event it interrupted.
+//!
+//! A statement or lock timeout is the failure of the event it interrupted
+//! (`query_canceled` is caught explicitly: it is not part of `others`). A
+//! deadlock, a serialization failure or a cancellation from outside is not
+//! the handler's fault: it is raised again, and the caller retries the batch.
 
 use anyhow::{Context, Result};
 use tokio_postgres::types::Type;
 use tokio_postgres::{Client, GenericClient};
 
-use crate::handlers::sql_text::{Statement, ValueNames};
+use crate::db::{RowExt, quote_literal};
+use crate::failure::{HandlerFailure, Origin};
 use crate::manifest::Projector;
+use crate::manifest::sql_text::{Statement, ValueNames};
 use crate::store::{Position, StoreShape};
 
 /// Names of the PL/pgSQL variables that hold the current event.
@@ -77,37 +83,6 @@ impl ValueNames for Parameters {
     }
 }
 
-/// A handler failure: the event it failed on and the database's error.
-#[derive(Clone, Debug, PartialEq, Eq, serde::Serialize)]
-pub struct HandlerFailure {
-    pub position: i64,
-    /// The failing event's transaction id (with a transaction column).
-    #[serde(skip)]
-    pub tx: Option<u64>,
-    pub event_type: String,
-    pub stream: Option<String>,
-    pub sqlstate: String,
-    pub message: String,
-    pub detail: Option<String>,
-    pub hint: Option<String>,
-    pub context: Option<String>,
-}
-
-impl HandlerFailure {
-    /// The failing event's place in the order.
-    pub fn at(&self) -> Position {
-        Position {
-            tx: self.tx,
-            id: self.position,
-        }
-    }
-
-    /// One line: `#412312 EventUpdated: null value in column "band"`.
-    pub fn short(&self) -> String {
-        format!("#{} {}: {}", self.position, self.event_type, self.message)
-    }
-}
-
 /// What a batch did.
 #[derive(Debug)]
 pub enum BatchOutcome {
@@ -122,6 +97,10 @@ pub enum BatchOutcome {
     },
 }
 
+/// Where in an event's processing the function failed.
+const STAGE_READING: i32 = 0;
+const STAGE_DECODING: i32 = 1;
+
 /// A projector's handlers, compiled for one session.
 pub struct CompiledProjector {
     function: String,
@@ -135,7 +114,7 @@ impl CompiledProjector {
         for h in &projector.handlers {
             cases.push_str(&format!(
                 "      WHEN {} THEN\n",
-                crate::db::quote_literal(&h.event_type)
+                quote_literal(&h.event_type)
             ));
             for s in &h.statements {
                 cases.push_str("        ");
@@ -144,7 +123,15 @@ impl CompiledProjector {
             }
         }
         let types = projector.event_types();
-        let (range, order) = store.range("p_after_tx", "p_after", "p_upto_tx", "p_upto");
+        let range = store.range("p_after_tx", "p_after", "p_upto_tx", "p_upto");
+        let (metadata_raw_type, metadata_raw, metadata) = match &store.metadata {
+            Some(m) => (
+                m.type_name.clone(),
+                m.column(),
+                m.decode("projectionist_metadata_raw"),
+            ),
+            None => ("jsonb".into(), "NULL::jsonb".into(), "NULL".into()),
+        };
         let body = format!(
             r#"
 #variable_conflict use_column
@@ -156,16 +143,25 @@ DECLARE
   projectionist_data jsonb;
   projectionist_metadata jsonb;
   projectionist_tx xid8;
+  projectionist_data_raw {data_raw_type};
+  projectionist_metadata_raw {metadata_raw_type};
+  projectionist_stage int := {STAGE_READING};
 BEGIN
   pj_handled := 0;
   BEGIN
     FOR projectionist_position, projectionist_type, projectionist_stream, projectionist_time,
-        projectionist_data, projectionist_metadata, projectionist_tx IN
-      SELECT {select} FROM {table} e WHERE {range} AND {filter} ORDER BY {order}
+        projectionist_data_raw, projectionist_metadata_raw, projectionist_tx IN
+      SELECT {pos}::bigint, {ty}, {stream}, {time}, {data_raw}, {metadata_raw}, {tx}
+      FROM {relation} WHERE {range} AND {filter} AND {types} ORDER BY {order}
     LOOP
+      projectionist_stage := {STAGE_DECODING};
+      projectionist_data := {data};
+      projectionist_metadata := {metadata};
+      projectionist_stage := 2;
       CASE projectionist_type
 {cases}      ELSE NULL;
       END CASE;
+      projectionist_stage := {STAGE_READING};
       pj_handled := pj_handled + 1;
       pj_last_ok := projectionist_position;
       pj_last_ok_tx := projectionist_tx::text;
@@ -177,6 +173,14 @@ BEGIN
       pj_detail = PG_EXCEPTION_DETAIL,
       pj_hint = PG_EXCEPTION_HINT,
       pj_context = PG_EXCEPTION_CONTEXT;
+    -- Not the handler's fault: the caller retries the batch.
+    IF pj_sqlstate IN ('40P01', '40001')
+       OR (pj_sqlstate = '57014' AND NOT (current_setting('statement_timeout') NOT IN ('0', '')
+           AND clock_timestamp() - statement_timestamp()
+               >= current_setting('statement_timeout')::interval - interval '50 milliseconds')) THEN
+      RAISE;
+    END IF;
+    pj_stage := projectionist_stage;
     pj_failed_position := projectionist_position;
     pj_failed_type := projectionist_type;
     pj_failed_stream := projectionist_stream;
@@ -184,9 +188,18 @@ BEGIN
   END;
 END
 "#,
-            select = store.select_list(),
-            table = store.table,
-            filter = store.type_filter(types.as_deref()),
+            data_raw_type = store.data.type_name,
+            pos = store.position_expr(),
+            ty = store.type_expr(),
+            stream = store.stream_expr(),
+            time = store.time_expr(),
+            data_raw = store.data.column(),
+            tx = store.tx_expr(),
+            relation = store.relation(),
+            filter = store.filter_expr(),
+            types = store.type_filter(types.as_deref()),
+            order = store.order(),
+            data = store.data.decode("projectionist_data_raw"),
         );
         let mut tag = "$projectionist_body$".to_string();
         while body.contains(&tag) {
@@ -197,7 +210,7 @@ END
              OUT pj_handled bigint, OUT pj_last_ok bigint, OUT pj_last_ok_tx text,\n  \
              OUT pj_failed_position bigint, OUT pj_failed_type text, OUT pj_failed_stream text,\n  \
              OUT pj_sqlstate text, OUT pj_message text, OUT pj_detail text, OUT pj_hint text, OUT pj_context text,\n  \
-             OUT pj_failed_tx text)\n\
+             OUT pj_failed_tx text, OUT pj_stage int)\n\
              LANGUAGE plpgsql AS {tag}{body}{tag}"
         );
         CompiledProjector { function, create }
@@ -214,13 +227,14 @@ END
     /// Projects the events in (after, upto] inside the caller's transaction.
     pub async fn run(
         &self,
+        shape: &StoreShape,
         client: &impl GenericClient,
         after: Position,
         upto: Position,
     ) -> Result<BatchOutcome> {
         let sql = format!(
             "SELECT pj_handled, pj_last_ok, pj_last_ok_tx, pj_failed_position, pj_failed_type, \
-             pj_failed_stream, pj_sqlstate, pj_message, pj_detail, pj_hint, pj_context, pj_failed_tx \
+             pj_failed_stream, pj_sqlstate, pj_message, pj_detail, pj_hint, pj_context, pj_failed_tx, pj_stage \
              FROM {}($1::text::xid8, $2, $3::text::xid8, $4)",
             self.function
         );
@@ -229,32 +243,54 @@ END
             .query_one(&sql, &[&after_tx, &after.id, &upto.tx_text(), &upto.id])
             .await
             .context("running a batch")?;
-        let handled: i64 = row.get(0);
-        let failed_position: Option<i64> = row.get(3);
-        let Some(position) = failed_position else {
+        let handled: i64 = row.col(0)?;
+        let Some(message) = row.col::<Option<String>>(7)? else {
             return Ok(BatchOutcome::Done { handled });
         };
-        let last_ok = match row.get::<_, Option<i64>>(1) {
-            Some(id) => Some(Position::from_parts(row.get(2), id)?),
+        let last_ok = match row.col::<Option<i64>>(1)? {
+            Some(id) => Some(Position::from_parts(row.col(2)?, id)?),
             None => None,
         };
+        let stage: i32 = row.col::<Option<i32>>(12)?.unwrap_or(2);
+        let mut failure = HandlerFailure {
+            origin: if stage == 2 {
+                Origin::Handler
+            } else {
+                Origin::Event
+            },
+            position: row.col::<Option<i64>>(3)?.unwrap_or_default(),
+            tx: row
+                .col::<Option<String>>(11)?
+                .map(|t| t.parse())
+                .transpose()
+                .context("reading an xid8")?,
+            event_type: row.col::<Option<String>>(4)?.unwrap_or_default(),
+            stream: row.col(5)?,
+            sqlstate: row.col::<Option<String>>(6)?.unwrap_or_default(),
+            message,
+            detail: row.col::<Option<String>>(8)?.filter(|s| !s.is_empty()),
+            hint: row.col::<Option<String>>(9)?.filter(|s| !s.is_empty()),
+            context: row.col::<Option<String>>(10)?.filter(|s| !s.is_empty()),
+        };
+        if stage == STAGE_READING {
+            // Reading the next row failed (a type, stream or time expression):
+            // the failing event is the one after the last handled.
+            let from = last_ok.unwrap_or(after);
+            let at = shape.successor(client, from, upto).await?.unwrap_or(upto);
+            failure.position = at.id;
+            failure.tx = at.tx;
+            failure.event_type = String::new();
+            failure.stream = None;
+            failure.message = format!("reading the event failed: {}", failure.message);
+        } else if stage == STAGE_DECODING {
+            failure.message = format!(
+                "the event's payload is not UTF-8 JSON ({}): {}",
+                shape.data.type_name, failure.message
+            );
+        }
         Ok(BatchOutcome::Failed {
             last_ok,
-            failure: Box::new(HandlerFailure {
-                position,
-                tx: row
-                    .get::<_, Option<String>>(11)
-                    .map(|t| t.parse())
-                    .transpose()
-                    .context("reading an xid8")?,
-                event_type: row.get::<_, Option<String>>(4).unwrap_or_default(),
-                stream: row.get(5),
-                sqlstate: row.get::<_, Option<String>>(6).unwrap_or_default(),
-                message: row.get::<_, Option<String>>(7).unwrap_or_default(),
-                detail: row.get::<_, Option<String>>(8).filter(|s| !s.is_empty()),
-                hint: row.get::<_, Option<String>>(9).filter(|s| !s.is_empty()),
-                context: row.get::<_, Option<String>>(10).filter(|s| !s.is_empty()),
-            }),
+            failure: Box::new(failure),
         })
     }
 }
@@ -263,7 +299,7 @@ END
 fn plpgsql_statement(statement: &Statement) -> String {
     let sql = statement.render(&Variables);
     if statement.keyword() == "select" {
-        let at = crate::handlers::sql_text::code_start(&sql);
+        let at = crate::manifest::sql_text::code_start(&sql);
         format!("{}PERFORM{}", &sql[..at], &sql[at + "select".len()..])
     } else {
         sql

@@ -1,21 +1,38 @@
 //! The ledger: projectionist's own schema in the database (positions, states,
-//! failures, passed holes) and the advisory locks that keep runs apart.
+//! failures, passed holes, late events) and the advisory locks that keep runs
+//! apart ([`locks`]). Every SQL statement on a ledger table lives here.
 //!
 //! `projectionist.projectors` is part of the contract (teams query it), so its
 //! columns only ever grow. The schema is applied by refinery migrations
 //! embedded in the binary, with the schema name of `[ledger] schema`.
 
+pub mod locks;
+
 use anyhow::{Context, Result};
 use chrono::{DateTime, Utc};
-use tokio_postgres::{Client, GenericClient, Row};
+use tokio_postgres::{GenericClient, Row};
 
-use crate::db::quote_ident;
-use crate::store::Position;
+pub use locks::{LockHolder, LockKey, Locks};
+
+use crate::db::{RowExt, quote_ident};
+use crate::error::Failure;
+use crate::failure::HandlerFailure;
+use crate::manifest::{Mode, Projector};
+use crate::store::{Gaps, Position, StoreShape};
 
 /// The ledger's migrations, in order. `__SCHEMA__` is the quoted schema.
-const MIGRATIONS: &[(&str, &str)] = &[("V1__ledger", include_str!("migrations/V1__ledger.sql"))];
+const MIGRATIONS: &[(&str, &str)] = &[
+    ("V1__ledger", include_str!("migrations/V1__ledger.sql")),
+    (
+        "V2__holes_per_projector",
+        include_str!("migrations/V2__holes_per_projector.sql"),
+    ),
+];
 
-/// The states of PRODUCT.md that have a ledger row.
+/// The ledger's tables, for checking that none was dropped.
+const TABLES: [&str; 4] = ["projectors", "failures", "holes", "late_events"];
+
+/// The states that have a ledger row.
 #[derive(Clone, Copy, Debug, PartialEq, Eq, serde::Serialize)]
 #[serde(rename_all = "snake_case")]
 pub enum State {
@@ -47,16 +64,23 @@ impl State {
             "broken" => State::Broken,
             "stalled" => State::Stalled,
             "retired" => State::Retired,
-            other => anyhow::bail!("unknown state `{other}` in the ledger"),
+            other => return Err(altered(format!("unknown state `{other}`"))),
         })
     }
+}
+
+fn altered(what: String) -> anyhow::Error {
+    Failure::Usage(format!(
+        "the ledger holds {what}: was it altered by hand? Restore the row from the ledger's history or a backup"
+    ))
+    .into()
 }
 
 /// One row of `projectionist.projectors`.
 #[derive(Clone, Debug)]
 pub struct LedgerRow {
     pub name: String,
-    pub mode: String,
+    pub mode: Mode,
     pub state: State,
     pub position: Position,
     pub event_time: Option<DateTime<Utc>>,
@@ -80,6 +104,69 @@ pub enum FailureKind {
     Retried,
     /// The event was skipped (on_error = "skip"): a dead letter.
     DeadLetter,
+}
+
+/// The run that recorded something: named in the failures table and told to
+/// command projectors.
+#[derive(Clone, Copy, Debug, PartialEq, Eq, serde::Serialize)]
+#[serde(rename_all = "snake_case")]
+pub enum Run {
+    Boot,
+    Play,
+    Reset,
+}
+
+impl Run {
+    pub fn as_str(self) -> &'static str {
+        match self {
+            Run::Boot => "boot",
+            Run::Play => "play",
+            Run::Reset => "reset",
+        }
+    }
+}
+
+/// A recorded failure, as `status NAME` lists them.
+#[derive(Clone, Debug, serde::Serialize)]
+pub struct FailureRow {
+    pub position: i64,
+    pub event_type: Option<String>,
+    pub error: String,
+    pub run: String,
+    pub dead_letter: bool,
+    pub at: DateTime<Utc>,
+}
+
+/// A batch's worth of passed holes.
+#[derive(Clone, Debug, serde::Serialize)]
+pub struct HoleRow {
+    pub first_position: i64,
+    pub last_position: i64,
+    pub holes: i64,
+    pub passed_at: DateTime<Utc>,
+}
+
+/// An event that appeared inside a hole its projector had already passed.
+#[derive(Clone, Debug, PartialEq, Eq, serde::Serialize)]
+pub struct LateEvent {
+    pub projector: String,
+    pub position: i64,
+    #[serde(rename = "type")]
+    pub event_type: Option<String>,
+}
+
+/// A move of a projector's position, guarded by where it was and its version.
+#[derive(Clone, Copy, Debug)]
+pub struct Advance<'a> {
+    pub name: &'a str,
+    /// The version the runner plays (its handlers).
+    pub version: i32,
+    pub from: Position,
+    pub to: Position,
+    /// The time of the event at `to`, if the store has one.
+    pub event_time: Option<DateTime<Utc>>,
+    /// Events handled on the way.
+    pub handled: i64,
 }
 
 /// Where the ledger lives, and the SQL to reach it.
@@ -125,23 +212,52 @@ impl Ledger {
         format!("CREATE SCHEMA IF NOT EXISTS {}", self.quoted)
     }
 
-    /// Fails with a clear message when the ledger has not been migrated.
-    pub async fn ensure_exists(&self, client: &Client) -> Result<()> {
-        let exists: bool = client
+    /// The ledger's tables that are missing, and whether its migration
+    /// history exists (tables missing with a history: dropped by hand).
+    pub async fn missing_tables(&self, client: &impl GenericClient) -> Result<(Vec<String>, bool)> {
+        let mut missing = Vec::new();
+        for t in TABLES {
+            let exists: bool = client
+                .query_one("SELECT to_regclass($1) IS NOT NULL", &[&self.table(t)])
+                .await
+                .context("looking for the ledger")?
+                .col(0)?;
+            if !exists {
+                missing.push(self.table(t));
+            }
+        }
+        let history: bool = client
             .query_one(
                 "SELECT to_regclass($1) IS NOT NULL",
-                &[&self.table("projectors")],
+                &[&self.table("schema_history")],
             )
             .await?
-            .get(0);
-        if !exists {
-            return Err(crate::error::Failure::Usage(format!(
+            .col(0)?;
+        Ok((missing, history))
+    }
+
+    /// Fails with a clear message when the ledger has not been migrated, or
+    /// lost a table.
+    pub async fn ensure_exists(&self, client: &impl GenericClient) -> Result<()> {
+        let (missing, history) = self.missing_tables(client).await?;
+        if missing.is_empty() {
+            return Ok(());
+        }
+        let text = if history && missing.len() < TABLES.len() + 1 {
+            format!(
+                "the ledger lost {} although its migrations ran (dropped by hand?)\n  \
+                 run `projectionist migrate`: it recreates the missing tables. Projectors whose rows are gone \
+                 then count as new, and boot refuses to replay any whose tables already hold rows \
+                 (reset them, or adopt them with `projectionist boot --adopt NAME`)",
+                missing.join(", ")
+            )
+        } else {
+            format!(
                 "the ledger schema `{}` is not in this database: run `projectionist migrate` first",
                 self.schema
-            ))
-            .into());
-        }
-        Ok(())
+            )
+        };
+        Err(Failure::Usage(text).into())
     }
 
     pub async fn rows(&self, client: &impl GenericClient) -> Result<Vec<LedgerRow>> {
@@ -172,6 +288,27 @@ impl Ledger {
         r.as_ref().map(row).transpose()
     }
 
+    /// Locks a projector's row for the rest of the transaction and reads it:
+    /// a batch starts here, so it sees the row as it is and nobody changes
+    /// it (a rebuild, a reset) until the batch commits.
+    pub async fn lock_row(
+        &self,
+        client: &impl GenericClient,
+        name: &str,
+    ) -> Result<Option<LedgerRow>> {
+        let r = client
+            .query_opt(
+                &format!(
+                    "SELECT {ROW_COLUMNS} FROM {} WHERE name = $1 FOR NO KEY UPDATE",
+                    self.table("projectors")
+                ),
+                &[&name],
+            )
+            .await
+            .context("reading the ledger")?;
+        r.as_ref().map(row).transpose()
+    }
+
     /// Records when projectors first went missing from the manifest, and
     /// forgets it for those that came back.
     pub async fn note_missing(
@@ -193,40 +330,37 @@ impl Ledger {
         Ok(())
     }
 
-    /// Moves a projector's position from `expected` to `to`, or fails: the
-    /// guard that keeps two runners from both applying a batch.
-    pub async fn advance(
-        &self,
-        client: &impl GenericClient,
-        name: &str,
-        expected: Position,
-        to: Position,
-        event_time: Option<DateTime<Utc>>,
-        handled: i64,
-    ) -> Result<()> {
+    /// Moves a projector's position, or fails: the guard that keeps two
+    /// runners from both applying a batch, and a runner of another version
+    /// from writing into this one.
+    pub async fn advance(&self, client: &impl GenericClient, a: &Advance<'_>) -> Result<()> {
         let n = client
             .execute(
                 &format!(
                     "UPDATE {} SET position = $3, tx = $4::text::xid8, event_time = coalesce($5, event_time), \
                      events_processed = events_processed + $6, updated_at = now() \
-                     WHERE name = $1 AND position = $2 AND tx IS NOT DISTINCT FROM $7::text::xid8",
+                     WHERE name = $1 AND position = $2 AND tx IS NOT DISTINCT FROM $7::text::xid8 AND version = $8",
                     self.table("projectors")
                 ),
                 &[
-                    &name,
-                    &expected.id,
-                    &to.id,
-                    &to.tx_text(),
-                    &event_time,
-                    &handled,
-                    &expected.tx_text(),
+                    &a.name,
+                    &a.from.id,
+                    &a.to.id,
+                    &a.to.tx_text(),
+                    &a.event_time,
+                    &a.handled,
+                    &a.from.tx_text(),
+                    &a.version,
                 ],
             )
             .await
             .context("updating the position")?;
         if n != 1 {
             anyhow::bail!(
-                "the position of projector `{name}` moved away from {expected} while this run held it: another runner is playing it"
+                "the ledger row of projector `{}` changed while this run held it (its position moved from {}, or its version is no longer {}): another runner is playing it",
+                a.name,
+                a.from,
+                a.version
             );
         }
         Ok(())
@@ -261,8 +395,8 @@ impl Ledger {
         &self,
         client: &impl GenericClient,
         name: &str,
-        run: &str,
-        f: &crate::handlers::sql::HandlerFailure,
+        run: Run,
+        f: &HandlerFailure,
         kind: FailureKind,
     ) -> Result<()> {
         let dead_letter = kind == FailureKind::DeadLetter;
@@ -280,6 +414,7 @@ impl Ledger {
                 .await
                 .context("marking a projector broken")?;
         }
+        let sqlstate = (!f.sqlstate.is_empty()).then_some(f.sqlstate.as_str());
         client
             .execute(
                 &format!(
@@ -288,8 +423,8 @@ impl Ledger {
                     self.table("failures")
                 ),
                 &[
-                    &name, &run, &f.position, &f.event_type, &f.stream, &f.message, &f.detail, &f.hint,
-                    &f.sqlstate, &dead_letter,
+                    &name, &run.as_str(), &f.position, &f.event_type, &f.stream, &f.message, &f.detail, &f.hint,
+                    &sqlstate, &dead_letter,
                 ],
             )
             .await
@@ -297,11 +432,13 @@ impl Ledger {
         Ok(())
     }
 
-    /// Creates (or re-creates, for a rebuild) a projector's row at `position`, state booting.
+    /// Creates (or re-creates, for a rebuild) a projector's row at `position`,
+    /// state booting; a rebuild forgets its late events, and the holes it
+    /// passed are no longer its own (they stay known to be passable).
     pub async fn start(
         &self,
         client: &impl GenericClient,
-        p: &crate::manifest::Projector,
+        p: &Projector,
         position: Position,
         event_time: Option<DateTime<Utc>>,
     ) -> Result<()> {
@@ -330,15 +467,32 @@ impl Ledger {
             )
             .await
             .context("recording a projector in the ledger")?;
+        client
+            .execute(
+                &format!(
+                    "DELETE FROM {} WHERE projector = $1",
+                    self.table("late_events")
+                ),
+                &[&p.name],
+            )
+            .await
+            .context("forgetting a rebuilt projector's late events")?;
+        // Its holes stay known to be passable, but are no longer its own.
+        client
+            .execute(
+                &format!(
+                    "UPDATE {} SET projector = NULL WHERE projector = $1",
+                    self.table("holes")
+                ),
+                &[&p.name],
+            )
+            .await
+            .context("forgetting a rebuilt projector's holes")?;
         Ok(())
     }
 
     /// Resumes an existing row: booting again, with the manifest's current facts.
-    pub async fn resume(
-        &self,
-        client: &impl GenericClient,
-        p: &crate::manifest::Projector,
-    ) -> Result<()> {
+    pub async fn resume(&self, client: &impl GenericClient, p: &Projector) -> Result<()> {
         client
             .execute(
                 &format!(
@@ -351,159 +505,211 @@ impl Ledger {
             .context("resuming a projector")?;
         Ok(())
     }
+
+    /// Records the holes a projector passes in a batch (in the batch's transaction).
+    pub async fn record_holes(
+        &self,
+        client: &impl GenericClient,
+        name: &str,
+        gaps: &Gaps,
+        upto: Position,
+    ) -> Result<()> {
+        let (lo, hi): (Vec<i64>, Vec<i64>) = gaps
+            .ranges
+            .iter()
+            .filter(|(_, hi)| *hi < upto.id)
+            .copied()
+            .unzip();
+        if lo.is_empty() {
+            return Ok(());
+        }
+        client
+            .execute(
+                &format!(
+                    "INSERT INTO {} (projector, first_position, last_position, lo, hi, first_seen) \
+                     VALUES ($1, $2, $3, $4, $5, $6)",
+                    self.table("holes")
+                ),
+                &[
+                    &name,
+                    &lo[0],
+                    &hi[hi.len() - 1],
+                    &lo,
+                    &hi,
+                    &gaps.first_seen.unwrap_or_else(Utc::now),
+                ],
+            )
+            .await
+            .context("recording passed holes")?;
+        Ok(())
+    }
+
+    /// The query that tells which of a batch's holes (`$1` first and `$2`
+    /// last positions) some projector has passed before, by the index of each
+    /// known one: they are known to be passable.
+    pub fn known_holes_sql(&self) -> String {
+        format!(
+            "SELECT g.i::int FROM unnest($1::bigint[], $2::bigint[]) WITH ORDINALITY AS g(lo, hi, i) \
+             WHERE EXISTS (SELECT 1 FROM {} h \
+               WHERE int8range(h.first_position, h.last_position, '[]') @> int8range(g.lo, g.hi, '[]') \
+                 AND EXISTS (SELECT 1 FROM unnest(h.lo, h.hi) AS x(lo, hi) WHERE x.lo <= g.lo AND x.hi >= g.hi))",
+            self.table("holes")
+        )
+    }
+
+    /// The latest batches of holes a projector passed.
+    pub async fn holes(&self, client: &impl GenericClient, name: &str) -> Result<Vec<HoleRow>> {
+        client
+            .query(
+                &format!(
+                    "SELECT first_position, last_position, cardinality(lo)::bigint, passed_at FROM {} \
+                     WHERE projector = $1 ORDER BY first_position DESC LIMIT 10",
+                    self.table("holes")
+                ),
+                &[&name],
+            )
+            .await
+            .context("reading passed holes")?
+            .iter()
+            .map(|r| {
+                Ok(HoleRow {
+                    first_position: r.col(0)?,
+                    last_position: r.col(1)?,
+                    holes: r.col(2)?,
+                    passed_at: r.col(3)?,
+                })
+            })
+            .collect()
+    }
+
+    /// The last failures of a projector, newest first.
+    pub async fn failures(
+        &self,
+        client: &impl GenericClient,
+        name: &str,
+    ) -> Result<Vec<FailureRow>> {
+        client
+            .query(
+                &format!(
+                    "SELECT position, type, error, run, dead_letter, at FROM {} WHERE projector = $1 \
+                     ORDER BY at DESC, id DESC LIMIT 10",
+                    self.table("failures")
+                ),
+                &[&name],
+            )
+            .await
+            .context("reading failures")?
+            .iter()
+            .map(|r| {
+                Ok(FailureRow {
+                    position: r.col(0)?,
+                    event_type: r.col(1)?,
+                    error: r.col(2)?,
+                    run: r.col(3)?,
+                    dead_letter: r.col(4)?,
+                    at: r.col(5)?,
+                })
+            })
+            .collect()
+    }
+
+    /// Events that appeared inside holes the projectors had already passed:
+    /// one indexed lookup per distinct hole, whatever the number of projectors.
+    /// `names` limits the projectors (empty: all). At most 1000 are returned.
+    pub async fn late_events(
+        &self,
+        client: &impl GenericClient,
+        shape: &StoreShape,
+        names: &[String],
+    ) -> Result<Vec<LateEvent>> {
+        if shape.transaction.is_some() {
+            // Read in (transaction, position) order below the horizon: an event
+            // cannot appear behind a reader, so there are no holes to fill.
+            return Ok(Vec::new());
+        }
+        let sql = format!(
+            "WITH g AS (SELECT h.projector, x.pj_lo, x.pj_hi FROM {holes} h \
+                CROSS JOIN LATERAL unnest(h.lo, h.hi) AS x(pj_lo, pj_hi) \
+                WHERE h.projector IS NOT NULL AND (cardinality($1::text[]) = 0 OR h.projector = ANY($1))), \
+             d AS (SELECT DISTINCT pj_lo, pj_hi FROM g), \
+             f AS (SELECT d.pj_lo, d.pj_hi, l.pj_position, l.pj_type FROM d CROSS JOIN LATERAL ( \
+                SELECT {pos}::bigint AS pj_position, {ty} AS pj_type FROM {rel} \
+                WHERE {pos} >= d.pj_lo AND {pos} <= d.pj_hi AND {filter} ORDER BY {pos} LIMIT 100) l) \
+             SELECT g.projector, f.pj_position, f.pj_type FROM g JOIN f USING (pj_lo, pj_hi) \
+             ORDER BY 1, 2 LIMIT 1000",
+            holes = self.table("holes"),
+            pos = shape.position_expr(),
+            ty = shape.type_expr(),
+            rel = shape.relation(),
+            filter = shape.filter_expr(),
+        );
+        client
+            .query(&sql, &[&names])
+            .await
+            .context("looking for events inside passed holes")?
+            .iter()
+            .map(|r| {
+                Ok(LateEvent {
+                    projector: r.col(0)?,
+                    position: r.col(1)?,
+                    event_type: r.col(2)?,
+                })
+            })
+            .collect()
+    }
+
+    /// Remembers late events; returns those not seen before (to alert once).
+    pub async fn note_late_events(
+        &self,
+        client: &impl GenericClient,
+        late: &[LateEvent],
+    ) -> Result<Vec<LateEvent>> {
+        if late.is_empty() {
+            return Ok(Vec::new());
+        }
+        let names: Vec<&str> = late.iter().map(|l| l.projector.as_str()).collect();
+        let positions: Vec<i64> = late.iter().map(|l| l.position).collect();
+        let types: Vec<Option<&str>> = late.iter().map(|l| l.event_type.as_deref()).collect();
+        client
+            .query(
+                &format!(
+                    "INSERT INTO {} (projector, position, type) SELECT * FROM unnest($1::text[], $2::bigint[], $3::text[]) \
+                     ON CONFLICT DO NOTHING RETURNING projector, position, type",
+                    self.table("late_events")
+                ),
+                &[&names, &positions, &types],
+            )
+            .await
+            .context("recording late events")?
+            .iter()
+            .map(|r| {
+                Ok(LateEvent {
+                    projector: r.col(0)?,
+                    position: r.col(1)?,
+                    event_type: r.col(2)?,
+                })
+            })
+            .collect()
+    }
 }
 
 fn row(r: &Row) -> Result<LedgerRow> {
+    let mode: String = r.col(1)?;
+    let state: String = r.col(2)?;
     Ok(LedgerRow {
-        name: r.get(0),
-        mode: r.get(1),
-        state: State::parse(r.get(2))?,
-        position: Position::from_parts(r.get(4), r.get(3))?,
-        event_time: r.get(5),
-        version: r.get(6),
-        side_effects: r.get(7),
-        tables: r.get(8),
-        events_processed: r.get(9),
-        error: r.get(10),
-        error_position: r.get(11),
-        error_type: r.get(12),
-        missing_since: r.get(13),
-        updated_at: r.get(14),
+        name: r.col(0)?,
+        mode: Mode::parse(&mode).ok_or_else(|| altered(format!("unknown mode `{mode}`")))?,
+        state: State::parse(&state)?,
+        position: Position::from_parts(r.col(4)?, r.col(3)?)?,
+        event_time: r.col(5)?,
+        version: r.col(6)?,
+        side_effects: r.col(7)?,
+        tables: r.col(8)?,
+        events_processed: r.col(9)?,
+        error: r.col(10)?,
+        error_position: r.col(11)?,
+        error_type: r.col(12)?,
+        missing_since: r.col(13)?,
+        updated_at: r.col(14)?,
     })
-}
-
-/// Advisory locks, keyed by the ledger schema so two ledgers never collide.
-#[derive(Clone, Debug)]
-pub struct Locks {
-    namespace: String,
-}
-
-/// Who holds a lock, for the message of the one who waits.
-#[derive(Clone, Debug)]
-pub struct LockHolder {
-    pub pid: i32,
-    pub application: String,
-    pub client: Option<String>,
-    pub since: Option<DateTime<Utc>>,
-}
-
-impl std::fmt::Display for LockHolder {
-    fn fmt(&self, f: &mut std::fmt::Formatter<'_>) -> std::fmt::Result {
-        write!(f, "pid {} ({}", self.pid, self.application)?;
-        if let Some(c) = &self.client {
-            write!(f, " from {c}")?;
-        }
-        write!(f, ")")?;
-        if let Some(s) = self.since {
-            write!(f, " since {}", s.format("%Y-%m-%d %H:%M:%S UTC"))?;
-        }
-        Ok(())
-    }
-}
-
-impl Locks {
-    pub fn new(ledger_schema: &str) -> Locks {
-        Locks {
-            namespace: format!("projectionist:{ledger_schema}"),
-        }
-    }
-
-    /// Tries a session-level lock once.
-    pub async fn try_lock(&self, client: &Client, key: &str) -> Result<bool> {
-        Ok(client
-            .query_one(
-                "SELECT pg_try_advisory_lock(hashtext($1), hashtext($2))",
-                &[&self.namespace, &key],
-            )
-            .await
-            .context("taking an advisory lock")?
-            .get(0))
-    }
-
-    /// Tries a transaction-level lock (released at commit or rollback).
-    pub async fn try_xact_lock(&self, client: &impl GenericClient, key: &str) -> Result<bool> {
-        Ok(client
-            .query_one(
-                "SELECT pg_try_advisory_xact_lock(hashtext($1), hashtext($2))",
-                &[&self.namespace, &key],
-            )
-            .await
-            .context("taking an advisory lock")?
-            .get(0))
-    }
-
-    pub async fn unlock(&self, client: &Client, key: &str) -> Result<()> {
-        client
-            .execute(
-                "SELECT pg_advisory_unlock(hashtext($1), hashtext($2))",
-                &[&self.namespace, &key],
-            )
-            .await?;
-        Ok(())
-    }
-
-    /// Waits for a lock up to `timeout` (`None`: fail at once), saying who holds it.
-    pub async fn lock(
-        &self,
-        client: &Client,
-        key: &str,
-        what: &str,
-        timeout: Option<std::time::Duration>,
-    ) -> Result<()> {
-        if self.try_lock(client, key).await? {
-            return Ok(());
-        }
-        let holder = self.holder(client, key).await?;
-        let who = holder
-            .as_ref()
-            .map(|h| h.to_string())
-            .unwrap_or_else(|| "another session".into());
-        let Some(timeout) = timeout else {
-            return Err(crate::error::Failure::Locked(format!(
-                "{what} is locked by {who}\n  wait for it to finish (drop --no-wait to wait up to --lock-timeout)"
-            ))
-            .into());
-        };
-        tracing::warn!("waiting for {what}: locked by {who}");
-        let deadline = tokio::time::Instant::now() + timeout;
-        let mut last_note = tokio::time::Instant::now();
-        loop {
-            tokio::time::sleep(std::time::Duration::from_millis(200)).await;
-            if self.try_lock(client, key).await? {
-                return Ok(());
-            }
-            if tokio::time::Instant::now() >= deadline {
-                return Err(crate::error::Failure::Locked(format!(
-                    "gave up waiting for {what} after {}: locked by {who}\n  raise --lock-timeout, or find out why it runs so long",
-                    humantime::format_duration(timeout)
-                ))
-                .into());
-            }
-            if last_note.elapsed() >= std::time::Duration::from_secs(10) {
-                tracing::warn!("still waiting for {what}: locked by {who}");
-                last_note = tokio::time::Instant::now();
-            }
-        }
-    }
-
-    pub async fn holder(&self, client: &Client, key: &str) -> Result<Option<LockHolder>> {
-        let row = client
-            .query_opt(
-                "SELECT a.pid, coalesce(nullif(a.application_name, ''), 'unknown'), a.client_addr::text, a.backend_start \
-                 FROM pg_locks l JOIN pg_stat_activity a ON a.pid = l.pid \
-                 WHERE l.locktype = 'advisory' AND l.granted AND l.objsubid = 2 \
-                   AND l.database = (SELECT oid FROM pg_database WHERE datname = current_database()) \
-                   AND l.classid::bigint = (hashtext($1)::bigint & 4294967295) \
-                   AND l.objid::bigint = (hashtext($2)::bigint & 4294967295) \
-                 LIMIT 1",
-                &[&self.namespace, &key],
-            )
-            .await?;
-        Ok(row.map(|r| LockHolder {
-            pid: r.get(0),
-            application: r.get(1),
-            client: r.get(2),
-            since: r.get(3),
-        }))
-    }
 }

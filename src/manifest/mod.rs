@@ -6,6 +6,7 @@
 
 mod diagnostics;
 mod parse;
+pub mod sql_text;
 
 use std::ops::Range;
 use std::path::{Path, PathBuf};
@@ -13,7 +14,7 @@ use std::time::Duration;
 
 pub use diagnostics::{ManifestError, Problem};
 
-use crate::handlers::sql_text::Statement;
+use sql_text::Statement;
 
 /// Byte range in the manifest's text, for error messages.
 pub type Span = Range<usize>;
@@ -30,22 +31,41 @@ pub struct Manifest {
     pub projectors: Vec<Projector>,
 }
 
-/// Where the events are: a table and the columns that hold each part of an event.
+/// Where the events are: a table (or partitioned table, or view) and the
+/// columns, or SQL expressions over the row, that hold each part of an event.
 #[derive(Clone, Debug)]
 pub struct Store {
     /// `table` or `schema.table`.
     pub table: String,
+    /// A bigint column, unique and increasing.
     pub position: String,
+    /// A column or an SQL expression (e.g. `message->>'type'`).
     pub event_type: String,
+    /// A json, jsonb, text or bytea (UTF-8 JSON) column.
     pub data: String,
+    /// A column or an SQL expression.
     pub stream: Option<String>,
+    /// A timestamptz or timestamp (UTC) column, or an SQL expression.
     pub time: Option<String>,
+    /// A json, jsonb, text or bytea (UTF-8 JSON) column.
     pub metadata: Option<String>,
-    /// An xid8 column defaulting to `pg_current_xact_id()`: read in (transaction, position) order.
+    /// An xid8 column holding `pg_current_xact_id()`: read in (transaction, position) order.
     pub transaction: Option<String>,
     /// A LISTEN/NOTIFY channel that a trigger on the table notifies.
     pub notify: Option<String>,
+    /// An SQL condition over the row: rows that are not events for projectors are skipped.
+    pub filter: Option<String>,
+    /// The `[store]` table.
     pub span: Span,
+    /// Where each key's value is, so errors underline the key at fault.
+    pub spans: std::collections::BTreeMap<&'static str, Span>,
+}
+
+impl Store {
+    /// The span of `key`'s value (or of `[store]` when the key is absent).
+    pub fn span_of(&self, key: &str) -> Span {
+        self.spans.get(key).cloned().unwrap_or(self.span.clone())
+    }
 }
 
 #[derive(Clone, Copy, Debug, PartialEq, Eq)]
@@ -56,6 +76,15 @@ pub enum Mode {
 }
 
 impl Mode {
+    pub fn parse(s: &str) -> Option<Mode> {
+        Some(match s {
+            "from_beginning" => Mode::FromBeginning,
+            "from_now" => Mode::FromNow,
+            "once" => Mode::Once,
+            _ => return None,
+        })
+    }
+
     pub fn as_str(self) -> &'static str {
         match self {
             Mode::FromBeginning => "from_beginning",

@@ -11,11 +11,11 @@ use std::time::Duration;
 use toml::Spanned;
 use toml::de::{DeString, DeTable, DeValue};
 
+use super::sql_text;
 use super::{
     Check, Handler, Manifest, ManifestError, Mode, OnError, Problem, Projector, Span, Store,
     valid_name,
 };
-use crate::handlers::sql_text;
 
 type Value<'i> = Spanned<DeValue<'i>>;
 type Key<'i> = Spanned<DeString<'i>>;
@@ -31,6 +31,7 @@ const STORE_KEYS: &[&str] = &[
     "metadata",
     "transaction",
     "notify",
+    "filter",
 ];
 const PROJECTOR_KEYS: &[&str] = &[
     "mode",
@@ -286,11 +287,13 @@ impl<'s> Walker<'s> {
 
     fn store(&mut self, t: &DeTable, span: Span) -> Store {
         self.check_keys(t, STORE_KEYS, "[store]");
-        let col = |w: &mut Self, key: &str, required: bool| -> Option<String> {
+        let mut spans = std::collections::BTreeMap::new();
+        let mut value = |w: &mut Self, key: &'static str, required: bool| -> Option<String> {
             match get(t, key) {
                 Some((_, v)) => {
+                    spans.insert(key, v.span());
                     let s = w.string(v, &format!("store.{key}"))?;
-                    if s.is_empty() {
+                    if s.trim().is_empty() {
                         w.problems.push(Problem::new(
                             v.span(),
                             format!("store.{key} is empty"),
@@ -316,17 +319,29 @@ impl<'s> Walker<'s> {
                 None => None,
             }
         };
+        let table = value(self, "table", true).unwrap_or_default();
+        let position = value(self, "position", true).unwrap_or_default();
+        let event_type = value(self, "type", true).unwrap_or_default();
+        let data = value(self, "data", true).unwrap_or_default();
+        let stream = value(self, "stream", false);
+        let time = value(self, "time", false);
+        let metadata = value(self, "metadata", false);
+        let transaction = value(self, "transaction", false);
+        let notify = value(self, "notify", false);
+        let filter = value(self, "filter", false);
         Store {
-            table: col(self, "table", true).unwrap_or_default(),
-            position: col(self, "position", true).unwrap_or_default(),
-            event_type: col(self, "type", true).unwrap_or_default(),
-            data: col(self, "data", true).unwrap_or_default(),
-            stream: col(self, "stream", false),
-            time: col(self, "time", false),
-            metadata: col(self, "metadata", false),
-            transaction: col(self, "transaction", false),
-            notify: col(self, "notify", false),
+            table,
+            position,
+            event_type,
+            data,
+            stream,
+            time,
+            metadata,
+            transaction,
+            notify,
+            filter,
             span,
+            spans,
         }
     }
 
@@ -371,14 +386,12 @@ impl<'s> Walker<'s> {
             match k.get_ref().as_ref() {
                 "mode" => {
                     if let Some(m) = self.string(v, &what) {
-                        match m.as_str() {
-                            "from_beginning" => p.mode = Mode::FromBeginning,
-                            "from_now" => p.mode = Mode::FromNow,
-                            "once" => p.mode = Mode::Once,
-                            other => self.problems.push(
+                        match Mode::parse(&m) {
+                            Some(mode) => p.mode = mode,
+                            None => self.problems.push(
                                 Problem::new(
                                     v.span(),
-                                    format!("unknown mode `{other}` for projector `{name}`"),
+                                    format!("unknown mode `{m}` for projector `{name}`"),
                                     "unknown mode",
                                 )
                                 .help("mode is one of: from_beginning, from_now, once"),

@@ -4,6 +4,7 @@
 use comfy_table::{Table, presets::NOTHING};
 
 use crate::engine::boot::BootReport;
+use crate::failure::Origin;
 use crate::ledger::State;
 
 /// The summary table of a boot, for stdout.
@@ -21,10 +22,7 @@ pub fn table(report: &BootReport) -> String {
     for p in &report.projectors {
         t.add_row(vec![
             p.name.clone(),
-            serde_json::to_value(p.action)
-                .ok()
-                .and_then(|v| v.as_str().map(String::from))
-                .unwrap_or_default(),
+            p.action.as_str().to_string(),
             p.state.as_str().to_string(),
             p.position.to_string(),
             p.events.to_string(),
@@ -73,21 +71,37 @@ pub fn failure(report: &BootReport) -> Option<String> {
     if let Some(a) = &report.alert_error {
         s.push_str(&format!("\nwarning: {a}"));
     }
-    let what = if f.sqlstate.is_empty() {
-        format!(
+    let what = match f.origin {
+        Origin::Command => format!(
             "the command of `{}` (or the event it trips on)",
             b.projector
-        )
-    } else {
-        format!(
+        ),
+        Origin::Event => format!(
+            "the event at #{} (its payload, or the [store] expression that reads it)",
+            f.position
+        ),
+        Origin::Handler => format!(
             "the handler of `{}` for {} in the manifest (or the data it trips on)",
             b.projector, f.event_type
-        )
+        ),
     };
     s.push_str(&format!(
         "\n\nnext: fix {what}, then run `projectionist boot` again:\n      broken and stalled projectors resume from their positions."
     ));
     Some(s)
+}
+
+/// The warning about late events found after a boot.
+pub fn late_events(report: &BootReport) -> Option<String> {
+    if report.late_events.is_empty() {
+        return None;
+    }
+    Some(format!(
+        "warning: {} late event(s) appeared inside holes already passed and were not applied ({}).\n  \
+         reset the projectors named to apply them; a [store] transaction column prevents this",
+        report.late_events.len(),
+        crate::engine::late::describe(&report.late_events)
+    ))
 }
 
 /// `::error` workflow command for GitHub Actions.

@@ -15,7 +15,7 @@ use prometheus_client::metrics::gauge::Gauge;
 use prometheus_client::registry::Registry;
 use tokio_util::sync::CancellationToken;
 
-use crate::ledger::LedgerRow;
+use crate::ledger::{LateEvent, LedgerRow};
 
 #[derive(Clone, Debug, Hash, PartialEq, Eq, EncodeLabelSet)]
 struct ProjectorLabel {
@@ -40,6 +40,7 @@ pub struct Metrics {
     processed: Family<ProjectorLabel, Counter>,
     failures: Family<ProjectorLabel, Counter>,
     state: Family<StateLabel, Gauge>,
+    late: Family<ProjectorLabel, Gauge>,
     up: Gauge,
     owned: Gauge,
 }
@@ -61,6 +62,7 @@ impl Metrics {
             processed: Family::default(),
             failures: Family::default(),
             state: Family::default(),
+            late: Family::default(),
             up: Gauge::default(),
             owned: Gauge::default(),
         };
@@ -93,6 +95,11 @@ impl Metrics {
             "state",
             "1 for the projector's current state",
             m.state.clone(),
+        );
+        registry.register(
+            "late_events",
+            "Events that appeared inside holes the projector had already passed (not applied: reset it)",
+            m.late.clone(),
         );
         registry.register(
             "up",
@@ -131,6 +138,18 @@ impl Metrics {
                     })
                     .set(i64::from(r.state.as_str() == s));
             }
+        }
+    }
+
+    /// Sets each projector's count of late events.
+    pub fn late_events(&self, rows: &[LedgerRow], late: &[LateEvent]) {
+        for r in rows {
+            let n = late.iter().filter(|l| l.projector == r.name).count();
+            self.late
+                .get_or_create(&ProjectorLabel {
+                    projector: r.name.clone(),
+                })
+                .set(n as i64);
         }
     }
 

@@ -67,6 +67,7 @@ impl Progress {
             style: self.style,
             bar,
             lines: Arc::new(Mutex::new(Lines {
+                waiting: None,
                 started: Instant::now(),
                 last_print: Instant::now(),
                 start: None,
@@ -78,6 +79,8 @@ impl Progress {
 }
 
 struct Lines {
+    /// Why it has not started (waiting for its turn).
+    waiting: Option<String>,
     started: Instant,
     last_print: Instant,
     start: Option<i64>,
@@ -96,8 +99,26 @@ pub struct ProjectorProgress {
 }
 
 impl ProjectorProgress {
+    fn lines(&self) -> std::sync::MutexGuard<'_, Lines> {
+        self.lines.lock().unwrap_or_else(|p| p.into_inner())
+    }
+
+    /// It has not started yet, and why (said instead of "0% at position 0").
+    pub fn waiting(&self, why: &str) {
+        let mut l = self.lines();
+        l.waiting = Some(why.to_string());
+        if let Some(b) = &self.bar {
+            b.set_message(why.to_string());
+        }
+        if self.style == Style::Lines {
+            l.last_print = Instant::now();
+            eprintln!("{}", self.line(&l, None));
+        }
+    }
+
     pub fn set_target(&self, target: i64) {
-        let mut l = self.lines.lock().unwrap();
+        let mut l = self.lines();
+        l.waiting = None;
         l.target = target;
         let position = l.position;
         if l.start.is_none() {
@@ -110,7 +131,12 @@ impl ProjectorProgress {
     }
 
     pub fn set_position(&self, position: i64) {
-        let mut l = self.lines.lock().unwrap();
+        let mut l = self.lines();
+        if l.waiting.take().is_some()
+            && let Some(b) = &self.bar
+        {
+            b.set_message("");
+        }
         l.position = position;
         if l.start.is_none() {
             l.started = Instant::now();
@@ -126,7 +152,7 @@ impl ProjectorProgress {
     }
 
     pub fn finish(&self, state: &str) {
-        let l = self.lines.lock().unwrap();
+        let l = self.lines();
         match self.style {
             Style::Bars => {
                 if let Some(b) = &self.bar {
@@ -147,6 +173,12 @@ impl ProjectorProgress {
             Some(state) => format!(
                 "{} {}: {state} at position {} ({done_events} positions in {secs:.1}s)",
                 self.command, self.name, l.position
+            ),
+            None if l.waiting.is_some() => format!(
+                "{} {}: {}",
+                self.command,
+                self.name,
+                l.waiting.as_deref().unwrap_or_default()
             ),
             None => {
                 let total = (l.target - start).max(1);

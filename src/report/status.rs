@@ -50,6 +50,15 @@ fn error_text(p: &ProjectorStatus, now: DateTime<Utc>, verbose: bool) -> String 
             None => "not in the manifest".into(),
         };
     }
+    if !p.late_events.is_empty() {
+        let first = &p.late_events[0];
+        return format!(
+            "{} late event(s) not applied (#{} {}…): reset it",
+            p.late_events.len(),
+            first.position,
+            first.event_type.as_deref().unwrap_or("?")
+        );
+    }
     if !p.waiting_for.is_empty() && p.state == ShownState::Ledger(State::Live) {
         return format!("waits for {}", p.waiting_for.join(", "));
     }
@@ -129,21 +138,7 @@ pub fn table(report: &StatusReport, verbose: bool) -> String {
             .unwrap_or_default()
     ));
     for h in &report.holding {
-        out.push_str(&format!(
-            "\nheld back by: pid {} ({}), transaction running for {}{}",
-            h.pid,
-            if h.application.is_empty() {
-                "no application name"
-            } else {
-                &h.application
-            },
-            duration(h.seconds),
-            if h.state.is_empty() {
-                String::new()
-            } else {
-                format!(", {}", h.state)
-            }
-        ));
+        out.push_str(&format!("\nheld back by: {h}"));
     }
     out
 }
@@ -247,12 +242,31 @@ pub fn detail(p: &ProjectorStatus, d: &Detail, report: &StatusReport) -> String 
         out.push_str(&t.to_string());
         out.push('\n');
     }
-    out.push_str("\npassed holes in the positions (latest):\n");
+    if !p.late_events.is_empty() {
+        out.push_str(&format!(
+            "\nlate events (appeared inside holes it had passed; not applied: `projectionist reset {}` applies them):\n",
+            p.name
+        ));
+        for l in &p.late_events {
+            out.push_str(&format!(
+                "  #{} {}\n",
+                l.position,
+                l.event_type.as_deref().unwrap_or("?")
+            ));
+        }
+    }
+    out.push_str("\npassed holes in the positions (latest batches):\n");
     if d.holes.is_empty() {
         out.push_str("  none\n");
     } else {
-        for (lo, hi, at) in &d.holes {
-            out.push_str(&format!("  {lo}..={hi}, passed {}\n", ago(*at, now)));
+        for h in &d.holes {
+            out.push_str(&format!(
+                "  {} hole(s) in {}..={}, passed {}\n",
+                h.holes,
+                h.first_position,
+                h.last_position,
+                ago(h.passed_at, now)
+            ));
         }
     }
     out.trim_end().to_string()

@@ -23,7 +23,7 @@ pub fn table(results: &[CheckResult]) -> String {
         t.add_row(vec![
             r.projector.clone(),
             r.check.clone(),
-            if r.ok { "OK".into() } else { "MISMATCH".into() },
+            r.result.as_str().to_string(),
             shown(&r.projection),
             shown(&r.events),
         ]);

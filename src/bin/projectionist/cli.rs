@@ -1,5 +1,6 @@
-//! The command line: clap definitions only. Every command's logic is in the
-//! library's `engine`; `main.rs` maps results to exit codes.
+//! The command line: clap definitions only, with the options several
+//! commands share as flattened groups. Every command's logic is in the
+//! library's `engine`; `commands.rs` runs it and picks the exit code.
 
 use std::path::PathBuf;
 use std::time::Duration;
@@ -11,7 +12,7 @@ use clap::{Args, Parser, Subcommand};
     name = "projectionist",
     version,
     about = "Deploy, run and maintain the projectors of an event-sourced system whose events live in PostgreSQL",
-    after_help = "Exit codes: 0 success, 1 a projector broke / is unhealthy / a check failed, 2 bad usage or manifest (nothing changed), 3 database unreachable or refused, 4 a lock is held.\n\nA deploy pipeline runs:\n  projectionist migrate && projectionist boot"
+    after_help = "Exit codes: 0 success, 1 a projector broke / is unhealthy / a check failed, 2 bad usage or manifest (nothing changed), 3 database unreachable, lost or refused, 4 a lock is held.\n\nA deploy pipeline runs:\n  projectionist migrate && projectionist boot"
 )]
 pub struct Cli {
     #[command(flatten)]
@@ -30,7 +31,7 @@ pub struct Global {
         value_name = "PATH"
     )]
     pub manifest: PathBuf,
-    /// postgres:// URL or key=value string (sslmode disable|prefer|require|verify-ca|verify-full, sslrootcert).
+    /// postgres:// URL or key=value string (sslmode disable|prefer|require|verify-ca|verify-full, sslrootcert; connect_timeout, keepalives*, tcp_user_timeout).
     #[arg(
         long,
         global = true,
@@ -39,12 +40,23 @@ pub struct Global {
         value_name = "URL"
     )]
     pub database_url: Option<String>,
+    /// How long a silent session of projectionist's may hold its locks: the server drops it after this long, and projectionist gives up on a silent database within it.
+    #[arg(long, global = true, default_value = "60s", value_parser = parse_session_timeout, value_name = "DURATION")]
+    pub session_timeout: Duration,
     /// Print only errors.
     #[arg(short, long, global = true, conflicts_with = "verbose")]
     pub quiet: bool,
     /// More detail in logs (repeat for more).
     #[arg(short, long, global = true, action = clap::ArgAction::Count)]
     pub verbose: u8,
+}
+
+fn parse_session_timeout(s: &str) -> Result<Duration, String> {
+    let d = humantime::parse_duration(s).map_err(|e| e.to_string())?;
+    if d < Duration::from_secs(2) {
+        return Err("at least 2s".into());
+    }
+    Ok(d)
 }
 
 #[derive(Subcommand, Debug)]
@@ -65,7 +77,7 @@ pub enum Command {
     Boot(BootArgs),
     /// Keep every live projector up to date until SIGINT/SIGTERM; several may run, on one machine or many.
     #[command(
-        after_help = "Examples:\n  projectionist play                         # under systemd or Kubernetes\n  projectionist play --metrics 0.0.0.0:9187  # Prometheus metrics at /metrics"
+        after_help = "Examples:\n  projectionist play                         # under systemd or Kubernetes\n  projectionist play --metrics 0.0.0.0:9187  # Prometheus metrics at /metrics\n\nSIGTERM/SIGINT finish the batches in flight and exit 0; SIGHUP is ignored (play re-reads the ledger every poll; restart it to load a new manifest)."
     )]
     Play(PlayArgs),
     /// LISTEN/NOTIFY set-up for near-time play.
@@ -74,9 +86,9 @@ pub enum Command {
         after_help = "Example:\n  projectionist notify install --channel events && projectionist migrate"
     )]
     Notify(NotifyCommand),
-    /// Where every projector stands: state, position, lag, errors; exit 1 when any is broken, stalled or over --max-lag.
+    /// Where every projector stands: state, position, lag, errors, late events; exit 1 when any is broken, stalled, missed late events or is over --max-lag.
     #[command(
-        after_help = "Examples:\n  projectionist status                 # the table\n  projectionist status band            # one projector in detail, with its failures\n  projectionist status --json          # for scripts and monitors\n  projectionist status --max-lag 30s   # a health check: exit 1 if any is 30s behind, broken or stalled"
+        after_help = "Examples:\n  projectionist status                 # the table\n  projectionist status band            # one projector in detail, with its failures\n  projectionist status --json          # for scripts and monitors\n  projectionist status --max-lag 30s   # a health check: exit 1 if any is 30s behind, broken or stalled; 3 if the database does not answer within --timeout"
     )]
     Status(StatusArgs),
     /// Rebuild projectors from scratch: empty their tables and replay them.
@@ -89,7 +101,7 @@ pub enum Command {
         after_help = "Examples:\n  projectionist retire old_band              # writes migrations/V{n}__retire_old_band.sql\n  projectionist retire old_band --dry-run    # prints it instead"
     )]
     Retire(RetireArgs),
-    /// Run the manifest's consistency checks; exit 1 on a mismatch.
+    /// Run the manifest's consistency checks at each projector's position; exit 1 on a mismatch or late events.
     #[command(
         after_help = "Examples:\n  projectionist verify\n  projectionist verify band --heal    # reset the projectors whose checks fail"
     )]
@@ -107,14 +119,44 @@ pub enum Command {
     Man,
 }
 
+/// Where migrations live.
 #[derive(Args, Debug)]
-pub struct MigrateArgs {
+pub struct DirArgs {
     /// The project's migrations directory.
     #[arg(long, default_value = "migrations", value_name = "DIR")]
     pub dir: PathBuf,
-    /// How long to wait for a concurrent migrate.
+}
+
+/// Waiting for a lock someone else holds.
+#[derive(Args, Debug)]
+pub struct LockArgs {
+    /// How long to wait for another run holding the lock.
     #[arg(long, default_value = "10m", value_parser = humantime::parse_duration, value_name = "DURATION")]
     pub lock_timeout: Duration,
+}
+
+/// Results as JSON.
+#[derive(Args, Debug)]
+pub struct JsonArgs {
+    /// Print the result as JSON on stdout (stable keys, see the README).
+    #[arg(long)]
+    pub json: bool,
+}
+
+/// Batches.
+#[derive(Args, Debug)]
+pub struct BatchArgs {
+    /// Events per batch (one transaction each).
+    #[arg(long, default_value_t = 10_000, value_name = "N", value_parser = clap::value_parser!(i64).range(1..))]
+    pub batch_size: i64,
+}
+
+#[derive(Args, Debug)]
+pub struct MigrateArgs {
+    #[command(flatten)]
+    pub dir: DirArgs,
+    #[command(flatten)]
+    pub lock: LockArgs,
 }
 
 #[derive(Args, Debug)]
@@ -124,36 +166,38 @@ pub struct BootArgs {
     /// How many projectors boot at once (default: the number of CPUs).
     #[arg(long, short = 'j', value_name = "N")]
     pub jobs: Option<usize>,
-    /// How long to wait for another boot, or a runner holding a projector.
-    #[arg(long, default_value = "10m", value_parser = humantime::parse_duration, value_name = "DURATION")]
-    pub lock_timeout: Duration,
+    #[command(flatten)]
+    pub lock: LockArgs,
     /// Exit 4 at once if another boot holds the lock.
     #[arg(long)]
     pub no_wait: bool,
-    /// Events per batch (one transaction each).
-    #[arg(long, default_value_t = 10_000, value_name = "N", value_parser = clap::value_parser!(i64).range(1..))]
-    pub batch_size: i64,
+    #[command(flatten)]
+    pub batch: BatchArgs,
     /// How long to wait at the end for running transactions that hold committed events back.
     #[arg(long, default_value = "60s", value_parser = humantime::parse_duration, value_name = "DURATION")]
     pub writer_wait: Duration,
-    /// Print a JSON summary on stdout.
-    #[arg(long)]
-    pub json: bool,
+    /// Boot this new projector over the rows its tables already hold (its handlers must be idempotent); repeatable.
+    #[arg(long, value_name = "NAME")]
+    pub adopt: Vec<String>,
+    #[command(flatten)]
+    pub output: JsonArgs,
 }
 
 #[derive(Args, Debug)]
 pub struct StatusArgs {
-    /// One projector in detail (its ledger row, tables, failures, holes).
+    /// One projector in detail (its ledger row, tables, failures, holes, late events).
     pub name: Option<String>,
-    /// JSON on stdout (stable keys, see the README).
-    #[arg(long)]
-    pub json: bool,
+    #[command(flatten)]
+    pub output: JsonArgs,
     /// Refresh every SECS seconds until Ctrl-C.
     #[arg(long, value_name = "SECS")]
     pub watch: Option<f64>,
     /// Exit 1 when any projector lags more than N events or a DURATION (30s, 5m).
     #[arg(long, value_name = "N|DURATION")]
     pub max_lag: Option<projectionist::engine::status::MaxLag>,
+    /// Exit 3 if the database does not answer within this long.
+    #[arg(long, default_value = "10s", value_parser = humantime::parse_duration, value_name = "DURATION")]
+    pub timeout: Duration,
 }
 
 #[derive(Args, Debug)]
@@ -170,9 +214,8 @@ pub struct ResetArgs {
     /// Only reset; the next boot replays.
     #[arg(long)]
     pub no_replay: bool,
-    /// How long to wait for a runner holding the projector.
-    #[arg(long, default_value = "10m", value_parser = humantime::parse_duration, value_name = "DURATION")]
-    pub lock_timeout: Duration,
+    #[command(flatten)]
+    pub lock: LockArgs,
 }
 
 #[derive(Args, Debug)]
@@ -185,21 +228,19 @@ pub struct RetireArgs {
     /// Print the SQL instead of writing the file.
     #[arg(long)]
     pub dry_run: bool,
-    /// Where migrations live.
-    #[arg(long, default_value = "migrations", value_name = "DIR")]
-    pub dir: PathBuf,
+    #[command(flatten)]
+    pub dir: DirArgs,
 }
 
 #[derive(Args, Debug)]
 pub struct VerifyArgs {
     /// Only these projectors' checks.
     pub names: Vec<String>,
-    /// Reset (and replay) the projectors whose checks fail.
+    /// Reset (and replay) the projectors whose checks fail at their position.
     #[arg(long)]
     pub heal: bool,
-    /// JSON on stdout.
-    #[arg(long)]
-    pub json: bool,
+    #[command(flatten)]
+    pub output: JsonArgs,
 }
 
 #[derive(Args, Debug)]
@@ -210,9 +251,8 @@ pub struct PlayArgs {
     /// Serve Prometheus metrics at http://ADDR/metrics.
     #[arg(long, value_name = "ADDR")]
     pub metrics: Option<std::net::SocketAddr>,
-    /// Events per batch (one transaction each).
-    #[arg(long, default_value_t = 10_000, value_name = "N", value_parser = clap::value_parser!(i64).range(1..))]
-    pub batch_size: i64,
+    #[command(flatten)]
+    pub batch: BatchArgs,
 }
 
 #[derive(Subcommand, Debug)]
@@ -225,9 +265,8 @@ pub enum NotifyCommand {
         /// The channel to notify.
         #[arg(long, default_value = "events")]
         channel: String,
-        /// Where migrations live.
-        #[arg(long, default_value = "migrations", value_name = "DIR")]
-        dir: PathBuf,
+        #[command(flatten)]
+        dir: DirArgs,
         /// Print the SQL instead of writing the file.
         #[arg(long)]
         dry_run: bool,

@@ -3,12 +3,10 @@
 //! `validate` against the database, connection errors that never show a
 //! password, `init`, completions, the man page and `--help`.
 
-mod common;
-
 use std::path::Path;
 use std::process::{Command, Stdio};
 
-use common::*;
+use crate::harness::*;
 
 // ---------------------------------------------------------------------------
 // Helpers
@@ -421,7 +419,12 @@ async fn a_missing_manifest_exits_2_and_points_at_init() {
 
 /// The project's migrations as `V{n}__name`, in order.
 fn project_migrations() -> Vec<String> {
-    let mut v: Vec<String> = std::fs::read_dir(root().join("migrations"))
+    migrations_in(&root().join("migrations"))
+}
+
+/// The migrations of a directory as `V{n}__name`, in order.
+fn migrations_in(dir: &std::path::Path) -> Vec<String> {
+    let mut v: Vec<String> = std::fs::read_dir(dir)
         .unwrap()
         .map(|e| e.unwrap().path())
         .filter(|p| p.extension().is_some_and(|x| x == "sql"))
@@ -429,6 +432,11 @@ fn project_migrations() -> Vec<String> {
         .collect();
     v.sort_by_key(|s| s[1..].split_once("__").unwrap().0.parse::<u64>().unwrap());
     v
+}
+
+/// The ledger's own migrations, in order.
+fn ledger_migrations() -> Vec<String> {
+    migrations_in(&root().join("src/ledger/migrations"))
 }
 
 fn migrate(db: &TestDb) -> Command {
@@ -443,7 +451,10 @@ async fn migrate_reports_each_migration_then_nothing() {
     let db = TestDb::empty().await;
     let r = Run::from(migrate(&db).output().unwrap());
     r.expect(0);
-    let mut expected = vec!["applied ledger migration V1__ledger".to_string()];
+    let mut expected: Vec<String> = ledger_migrations()
+        .iter()
+        .map(|m| format!("applied ledger migration {m}"))
+        .collect();
     expected.extend(
         project_migrations()
             .iter()
@@ -469,7 +480,7 @@ async fn migrate_reports_each_migration_then_nothing() {
     assert_eq!(
         db.count("SELECT count(*) FROM projectionist.schema_history")
             .await,
-        1
+        ledger_migrations().len() as i64
     );
     assert_eq!(
         db.count("SELECT count(*) FROM refinery_schema_history")
@@ -492,7 +503,10 @@ async fn two_migrates_at_once_apply_each_migration_once() {
     a.expect(0);
     b.expect(0);
     let both = format!("{}{}", a.stdout, b.stdout);
-    let mut names = vec!["ledger migration V1__ledger".to_string()];
+    let mut names: Vec<String> = ledger_migrations()
+        .iter()
+        .map(|m| format!("ledger migration {m}"))
+        .collect();
     names.extend(
         project_migrations()
             .iter()
@@ -510,7 +524,7 @@ async fn two_migrates_at_once_apply_each_migration_once() {
     assert_eq!(
         db.count("SELECT count(*) FROM projectionist.schema_history")
             .await,
-        1
+        ledger_migrations().len() as i64
     );
     assert_eq!(
         db.count("SELECT count(*) FROM refinery_schema_history")
@@ -552,9 +566,9 @@ async fn validate_reports_every_schema_problem_and_writes_nothing() {
     let db = TestDb::new().await;
     db.gen_events(200);
     let before = fingerprint(&db).await;
-    // data = "name" is a text column; metadata names no column.
+    // data = "aggregate_id" is a uuid column; metadata names no column.
     db.write_manifest(
-        "[store]\ntable = \"events\"\nposition = \"id\"\ntype = \"name\"\ndata = \"name\"\nmetadata = \"meta\"\nstream = \"aggregate_id\"\n\
+        "[store]\ntable = \"events\"\nposition = \"id\"\ntype = \"name\"\ndata = \"aggregate_id\"\nmetadata = \"meta\"\nstream = \"aggregate_id\"\n\
          \n[projectors.ghost]\ntables = [\"no_such_table\"]\non.BandCreated = \"SELECT 1\"\n\
          \n[projectors.band]\ntables = [\"band\"]\non.BandCreated = \"UPDATE band SET nickname = :data.name WHERE id = :stream::uuid\"\non.BandRenamed = \"SELECT 1\"\n",
     );
@@ -568,9 +582,11 @@ async fn validate_reports_every_schema_problem_and_writes_nothing() {
                 .find(|t| t.contains(needle))
                 .unwrap_or_else(|| panic!("{cmd}: no problem saying {needle:?}:\n{}", r.stderr))
         };
-        let data = find("store.data: column `name` is text; expected jsonb or json");
-        assert!(data.contains("projectors.toml:1:1)"), "{data}");
-        find("store.metadata: column `meta` does not exist in events");
+        // Each store problem underlines its own key's value.
+        let data = find("store.data is uuid; expected jsonb, json, text, character varying, bytea");
+        assert!(data.contains("projectors.toml:5:8)"), "{data}");
+        let metadata = find("store.metadata: column `meta` does not exist in events");
+        assert!(metadata.contains("projectors.toml:6:12)"), "{metadata}");
         let table = find("projector `ghost` owns table `no_such_table`, which does not exist");
         assert!(table.contains("projectors.toml:9:13)"), "{table}");
         let handler = find("the handler of projector `band` for BandCreated does not prepare");

@@ -6,239 +6,9 @@
 //! advisory locks, visible server-wide in `pg_locks`, and the tests run in
 //! parallel on one server.
 
-mod common;
-
-use std::path::PathBuf;
-use std::process::{Child, Command, ExitStatus, Stdio};
 use std::time::{Duration, Instant};
 
-use common::*;
-use tokio_postgres::Client;
-
-// ---------------------------------------------------------------------------
-// Harness
-
-/// Creates `tables`, writes a manifest of the example store (with the NOTIFY
-/// channel when `notify`) and `projectors`, and returns a client.
-async fn setup(db: &TestDb, notify: bool, tables: &str, projectors: &str) -> Client {
-    let c = db.client().await;
-    if !tables.is_empty() {
-        c.batch_execute(tables).await.unwrap();
-    }
-    db.write_manifest(&format!(
-        "{THINGS_STORE}{}\n{projectors}",
-        if notify { "notify = \"events\"\n" } else { "" }
-    ));
-    c
-}
-
-/// Appends `n` events of type `Thing` in one statement; returns the new head.
-async fn add_things(c: &Client, n: i64) -> i64 {
-    c.execute(
-        "INSERT INTO events (aggregate_id, aggregate_name, name, data) \
-         SELECT gen_random_uuid(), 'thing', 'Thing', jsonb_build_object('i', i) FROM generate_series(1::bigint, $1) i",
-        &[&n],
-    )
-    .await
-    .unwrap();
-    head(c).await
-}
-
-/// Appends one event; returns its position.
-async fn add_event(c: &Client, event_type: &str, data: serde_json::Value) -> i64 {
-    c.query_one(
-        "INSERT INTO events (aggregate_id, aggregate_name, name, data) VALUES (gen_random_uuid(), 'thing', $1, $2) RETURNING id",
-        &[&event_type, &data],
-    )
-    .await
-    .unwrap()
-    .get(0)
-}
-
-async fn head(c: &Client) -> i64 {
-    c.query_one("SELECT coalesce(max(id), 0) FROM events", &[])
-        .await
-        .unwrap()
-        .get(0)
-}
-
-async fn ledger(c: &Client, name: &str) -> Option<(String, i64)> {
-    c.query_opt(
-        "SELECT state, position FROM projectionist.projectors WHERE name = $1",
-        &[&name],
-    )
-    .await
-    .unwrap()
-    .map(|r| (r.get(0), r.get(1)))
-}
-
-async fn position(c: &Client, name: &str) -> i64 {
-    ledger(c, name).await.map(|l| l.1).unwrap_or(-1)
-}
-
-async fn count(c: &Client, sql: &str) -> i64 {
-    c.query_one(sql, &[]).await.unwrap().get(0)
-}
-
-/// (projector, application_name of the session holding its `owner:` lock), for
-/// the projectors of this database's ledger that have an owner.
-async fn owners(c: &Client) -> Vec<(String, String)> {
-    c.query(
-        "SELECT p.name, a.application_name FROM projectionist.projectors p \
-         JOIN pg_locks l ON l.locktype = 'advisory' AND l.granted AND l.objsubid = 2 \
-           AND l.database = (SELECT oid FROM pg_database WHERE datname = current_database()) \
-           AND l.classid::bigint = (hashtext('projectionist:projectionist')::bigint & 4294967295) \
-           AND l.objid::bigint = (hashtext('owner:' || p.name)::bigint & 4294967295) \
-         JOIN pg_stat_activity a ON a.pid = l.pid \
-         ORDER BY 1, 2",
-        &[],
-    )
-    .await
-    .unwrap()
-    .iter()
-    .map(|r| (r.get(0), r.get(1)))
-    .collect()
-}
-
-/// Projectors owned by the runner with this OS pid.
-async fn owned_by(c: &Client, runner: &Player) -> Vec<String> {
-    let tag = format!("pid {}", runner.pid());
-    owners(c)
-        .await
-        .into_iter()
-        .filter(|(_, app)| app.ends_with(&tag))
-        .map(|(p, _)| p)
-        .collect()
-}
-
-/// A running `projectionist play`, its stderr in a file; killed when dropped.
-struct Player {
-    child: Child,
-    log: PathBuf,
-}
-
-impl Player {
-    fn start(db: &TestDb, label: &str, args: &[&str]) -> Player {
-        let log = db.dir.path().join(format!("play-{label}.log"));
-        let file = std::fs::File::create(&log).unwrap();
-        let mut all = vec!["play"];
-        all.extend_from_slice(args);
-        let mut cmd = db.command(&all);
-        cmd.stdout(Stdio::null()).stderr(file);
-        Player {
-            child: cmd.spawn().unwrap(),
-            log,
-        }
-    }
-
-    fn pid(&self) -> u32 {
-        self.child.id()
-    }
-
-    fn log(&self) -> String {
-        format!(
-            "--- play pid {} stderr ({})\n{}",
-            self.pid(),
-            self.log.display(),
-            std::fs::read_to_string(&self.log).unwrap_or_default()
-        )
-    }
-
-    #[track_caller]
-    fn assert_running(&mut self) {
-        if let Some(status) = self.child.try_wait().unwrap() {
-            panic!(
-                "play exited ({status}) while it should be running\n{}",
-                self.log()
-            );
-        }
-    }
-
-    /// SIGTERM, then waits up to 10 s for the exit.
-    fn terminate(&mut self) -> (ExitStatus, Duration) {
-        self.assert_running();
-        let sent = Instant::now();
-        let ok = Command::new("kill")
-            .args(["-TERM", &self.pid().to_string()])
-            .status()
-            .unwrap()
-            .success();
-        assert!(ok, "kill -TERM failed");
-        loop {
-            if let Some(status) = self.child.try_wait().unwrap() {
-                return (status, sent.elapsed());
-            }
-            if sent.elapsed() > Duration::from_secs(10) {
-                panic!("play did not exit within 10 s of SIGTERM\n{}", self.log());
-            }
-            std::thread::sleep(Duration::from_millis(20));
-        }
-    }
-
-    /// SIGTERM; asserts exit 0 within 10 s.
-    #[track_caller]
-    fn stop(&mut self) -> Duration {
-        let (status, took) = self.terminate();
-        assert_eq!(
-            status.code(),
-            Some(0),
-            "play exited {status} on SIGTERM\n{}",
-            self.log()
-        );
-        took
-    }
-
-    fn sigkill(&mut self) {
-        self.child.kill().unwrap();
-        self.child.wait().unwrap();
-    }
-}
-
-impl Drop for Player {
-    fn drop(&mut self) {
-        if let Ok(None) = self.child.try_wait() {
-            let _ = self.child.kill();
-            let _ = self.child.wait();
-        }
-    }
-}
-
-/// How long `wait_for` waits for what should happen within a second or two:
-/// generous, because a loaded CI machine can stall a commit for seconds (the
-/// timing the contract promises is asserted separately, on the returned time).
-const PATIENCE: f64 = 30.0;
-
-/// Polls `cond` every 20 ms until it holds; panics after `secs` with the
-/// players' logs. Returns how long it took.
-async fn wait_for(
-    what: &str,
-    secs: f64,
-    players: &[&Player],
-    mut cond: impl AsyncFnMut() -> bool,
-) -> Duration {
-    let start = Instant::now();
-    loop {
-        if cond().await {
-            return start.elapsed();
-        }
-        if start.elapsed() > Duration::from_secs_f64(secs) {
-            let logs: Vec<String> = players.iter().map(|p| p.log()).collect();
-            panic!(
-                "timed out after {secs} s waiting for {what}\n{}",
-                logs.join("\n")
-            );
-        }
-        tokio::time::sleep(Duration::from_millis(20)).await;
-    }
-}
-
-/// A projector logging every `Thing` into `table` (id bigint PRIMARY KEY).
-fn logger(name: &str, mode: &str, table: &str) -> String {
-    format!(
-        "[projectors.{name}]\nmode = \"{mode}\"\ntables = [\"{table}\"]\n\
-         on.Thing = \"INSERT INTO {table} (id) VALUES (:position)\"\n\n"
-    )
-}
+use crate::harness::*;
 
 // ---------------------------------------------------------------------------
 // 1. The live loop: which projectors play touches.
@@ -246,7 +16,7 @@ fn logger(name: &str, mode: &str, table: &str) -> String {
 #[tokio::test]
 async fn play_keeps_live_projectors_up_to_date_and_leaves_new_broken_and_unbooted_ones_alone() {
     let db = TestDb::new().await;
-    let c = setup(
+    let c = thing_store(
         &db,
         true,
         "CREATE TABLE live_log (id bigint PRIMARY KEY); CREATE TABLE fresh_log (id bigint PRIMARY KEY); \
@@ -355,7 +125,7 @@ async fn play_keeps_live_projectors_up_to_date_and_leaves_new_broken_and_unboote
 async fn notify_wakes_play_within_a_second_and_without_notify_the_poll_does() {
     let db = TestDb::new().await;
     let projectors = logger("near_logger", "from_beginning", "near_log");
-    let c = setup(
+    let c = thing_store(
         &db,
         true,
         "CREATE TABLE near_log (id bigint PRIMARY KEY)",
@@ -428,7 +198,7 @@ async fn notify_wakes_play_within_a_second_and_without_notify_the_poll_does() {
 #[tokio::test]
 async fn on_error_stop_breaks_only_that_projector_and_the_others_go_on() {
     let db = TestDb::new().await;
-    let c = setup(
+    let c = thing_store(
         &db,
         true,
         "CREATE TABLE stop_fragile_log (id bigint PRIMARY KEY, v int); CREATE TABLE stop_steady_log (id bigint PRIMARY KEY);",
@@ -525,7 +295,7 @@ async fn on_error_stop_breaks_only_that_projector_and_the_others_go_on() {
 async fn on_error_retry_backs_off_then_breaks_and_a_transient_failure_recovers() {
     let db = TestDb::new().await;
     // A `Gate` event whose key is already in a table fails; deleting the row heals it.
-    let c = setup(
+    let c = thing_store(
         &db,
         true,
         "CREATE TABLE retry_flaky_log (k bigint PRIMARY KEY); INSERT INTO retry_flaky_log VALUES (42); \
@@ -541,7 +311,9 @@ async fn on_error_retry_backs_off_then_breaks_and_a_transient_failure_recovers()
     )
     .await;
     add_things(&c, 10).await;
-    db.run(&["boot"]).expect(0);
+    // The poison rows are put there on purpose: adopt them.
+    db.run(&["boot", "--adopt", "retry_flaky", "--adopt", "retry_heal"])
+        .expect(0);
     let mut play = Player::start(&db, "retry", &["--poll", "200ms"]);
     wait_for("play to own all three", PATIENCE, &[&play], async || {
         owners(&c).await.len() == 3
@@ -631,7 +403,7 @@ async fn on_error_retry_backs_off_then_breaks_and_a_transient_failure_recovers()
 #[tokio::test]
 async fn on_error_skip_records_a_dead_letter_and_goes_on() {
     let db = TestDb::new().await;
-    let c = setup(
+    let c = thing_store(
         &db,
         true,
         "CREATE TABLE skip_log (k bigint PRIMARY KEY); INSERT INTO skip_log VALUES (42);",
@@ -640,7 +412,8 @@ async fn on_error_skip_records_a_dead_letter_and_goes_on() {
     )
     .await;
     add_things(&c, 10).await;
-    db.run(&["boot"]).expect(0);
+    // The poison row is put there on purpose: adopt it.
+    db.run(&["boot", "--adopt", "skipper"]).expect(0);
     let mut play = Player::start(&db, "skip", &["--poll", "200ms"]);
     wait_for("play to own skipper", PATIENCE, &[&play], async || {
         owners(&c).await.len() == 1
@@ -731,7 +504,7 @@ fn counter_tables(name: &str) -> String {
 async fn two_runners_share_the_projectors_and_one_takes_over_when_the_other_is_killed() {
     let db = TestDb::new().await;
     let names = ["many_a", "many_b", "many_c"];
-    let c = setup(
+    let c = thing_store(
         &db,
         false,
         &names.map(counter_tables).concat(),
@@ -835,7 +608,7 @@ async fn two_runners_share_the_projectors_and_one_takes_over_when_the_other_is_k
 #[tokio::test]
 async fn sigterm_finishes_the_batch_in_flight_and_exits_0() {
     let db = TestDb::new().await;
-    let c = setup(
+    let c = thing_store(
         &db,
         true,
         &counter_tables("term_counter"),
@@ -869,7 +642,7 @@ async fn sigterm_finishes_the_batch_in_flight_and_exits_0() {
 #[tokio::test]
 async fn sigterm_on_an_idle_runner_exits_0_at_once() {
     let db = TestDb::new().await;
-    let c = setup(
+    let c = thing_store(
         &db,
         true,
         "CREATE TABLE idle_log (id bigint PRIMARY KEY)",
@@ -894,35 +667,10 @@ async fn sigterm_on_an_idle_runner_exits_0_at_once() {
 // ---------------------------------------------------------------------------
 // 6. Metrics
 
-fn free_port() -> u16 {
-    std::net::TcpListener::bind("127.0.0.1:0")
-        .unwrap()
-        .local_addr()
-        .unwrap()
-        .port()
-}
-
-async fn get_metrics(port: u16) -> Option<String> {
-    use tokio::io::{AsyncReadExt, AsyncWriteExt};
-    let mut s = tokio::net::TcpStream::connect(("127.0.0.1", port))
-        .await
-        .ok()?;
-    s.write_all(b"GET /metrics HTTP/1.0\r\nHost: 127.0.0.1\r\n\r\n")
-        .await
-        .ok()?;
-    let mut out = Vec::new();
-    tokio::time::timeout(Duration::from_secs(5), s.read_to_end(&mut out))
-        .await
-        .ok()?
-        .ok()?;
-    let text = String::from_utf8(out).ok()?;
-    text.starts_with("HTTP/1.").then_some(text)
-}
-
 #[tokio::test]
 async fn metrics_serves_position_up_and_events_processed() {
     let db = TestDb::new().await;
-    let c = setup(
+    let c = thing_store(
         &db,
         true,
         "CREATE TABLE metrics_log (id bigint PRIMARY KEY); CREATE TABLE metrics_bad_log (id bigint PRIMARY KEY)",
@@ -1001,7 +749,7 @@ async fn metrics_serves_position_up_and_events_processed() {
 #[tokio::test]
 async fn a_taken_metrics_port_fails_play_at_once() {
     let db = TestDb::new().await;
-    setup(
+    thing_store(
         &db,
         true,
         "CREATE TABLE port_log (id bigint PRIMARY KEY)",
@@ -1035,7 +783,7 @@ async fn a_taken_metrics_port_fails_play_at_once() {
 #[tokio::test]
 async fn a_projector_booted_by_a_later_deploy_is_picked_up_without_restart() {
     let db = TestDb::new().await;
-    let c = setup(
+    let c = thing_store(
         &db,
         true,
         "CREATE TABLE deploy_old_log (id bigint PRIMARY KEY); CREATE TABLE deploy_late_log (id bigint PRIMARY KEY)",
@@ -1087,7 +835,7 @@ async fn a_projector_booted_by_a_later_deploy_is_picked_up_without_restart() {
 #[tokio::test]
 async fn play_survives_its_connections_being_terminated() {
     let db = TestDb::new().await;
-    let c = setup(
+    let c = thing_store(
         &db,
         true,
         "CREATE TABLE lost_log (id bigint PRIMARY KEY)",
@@ -1144,14 +892,14 @@ async fn a_projector_of_the_same_name_in_another_database_does_not_block_play() 
     let one = TestDb::new().await;
     let two = TestDb::new().await;
     let projectors = logger("shared_name", "from_beginning", "shared_log");
-    let c1 = setup(
+    let c1 = thing_store(
         &one,
         true,
         "CREATE TABLE shared_log (id bigint PRIMARY KEY)",
         &projectors,
     )
     .await;
-    let c2 = setup(
+    let c2 = thing_store(
         &two,
         true,
         "CREATE TABLE shared_log (id bigint PRIMARY KEY)",
@@ -1194,7 +942,7 @@ async fn a_projector_of_the_same_name_in_another_database_does_not_block_play() 
 #[tokio::test(flavor = "multi_thread", worker_threads = 4)]
 async fn concurrent_writers_no_event_is_skipped_while_play_runs() {
     let db = TestDb::new().await;
-    let c = setup(
+    let c = thing_store(
         &db,
         true,
         "CREATE TABLE race_seen (id bigint PRIMARY KEY)",
@@ -1269,7 +1017,7 @@ async fn concurrent_writers_no_event_is_skipped_while_play_runs() {
 #[tokio::test]
 async fn an_event_held_back_by_a_running_transaction_is_played_soon_after_it_ends() {
     let db = TestDb::new().await;
-    let c = setup(
+    let c = thing_store(
         &db,
         true,
         "CREATE TABLE held_log (id bigint PRIMARY KEY); CREATE TABLE unrelated (x int)",

@@ -1,9 +1,7 @@
 //! `boot` against a real PostgreSQL: run modes, failure semantics, crash
 //! safety and concurrency (issue 3).
 
-mod common;
-
-use common::*;
+use crate::harness::*;
 
 #[tokio::test]
 async fn boot_makes_the_example_live_and_equal_to_set_based_sql() {
@@ -240,7 +238,7 @@ on.Thing = "INSERT INTO thing_log (id) VALUES (:position)"
     );
     assert_eq!(db.count("SELECT count(*) FROM thing_log").await, 10_000);
     // Neither is booted again; the once projector never plays again.
-    add_things(&db, 50).await;
+    add_things(&db.client().await, 50).await;
     db.run(&["boot"]).expect(0);
     assert_eq!(
         db.ledger("backfill").await.unwrap(),

@@ -232,6 +232,69 @@ pub fn parse(sql: &str) -> Result<Vec<Statement>, Vec<BadPlaceholder>> {
     }
 }
 
+/// Replaces the `:name` placeholders of a query that `values` names (a
+/// check's `:position`, say) outside string literals, quoted identifiers,
+/// comments and dollar quotes; everything else, `::` casts included, stays.
+pub fn substitute(sql: &str, values: &[(&str, String)]) -> String {
+    let mut out = String::with_capacity(sql.len());
+    let mut copied = 0;
+    for (start, name) in placeholders(sql) {
+        if let Some((_, value)) = values.iter().find(|(n, _)| *n == name) {
+            out.push_str(&sql[copied..start]);
+            out.push_str(value);
+            copied = start + 1 + name.len();
+        }
+    }
+    out.push_str(&sql[copied..]);
+    out
+}
+
+/// Whether a query uses `:name` (outside literals and comments).
+pub fn uses(sql: &str, name: &str) -> bool {
+    placeholders(sql).any(|(_, n)| n == name)
+}
+
+/// Every `:word` of a query outside literals and comments: (offset of the colon, word).
+fn placeholders(sql: &str) -> impl Iterator<Item = (usize, &str)> {
+    let mut lexer = Lexer::new(sql);
+    let mut found = Vec::new();
+    while lexer.pos < sql.len() {
+        if lexer.skip_trivia() {
+            continue;
+        }
+        let start = lexer.pos;
+        let rest = &sql[start..];
+        let c = rest.chars().next().unwrap_or(' ');
+        match c {
+            '\'' => {
+                let escapes = is_escape_string_prefix(sql, start);
+                lexer.skip_quoted('\'', escapes);
+            }
+            '"' => lexer.skip_quoted('"', false),
+            '$' => match dollar_tag(rest).filter(|_| !follows_ident(sql, start)) {
+                Some(tag) => {
+                    lexer.pos += tag.len();
+                    match sql[lexer.pos..].find(&tag) {
+                        Some(end) => lexer.pos += end + tag.len(),
+                        None => lexer.pos = sql.len(),
+                    }
+                }
+                None => lexer.pos += 1,
+            },
+            ':' if rest.starts_with("::") => lexer.pos += 2,
+            ':' if rest[1..].starts_with(|c: char| c.is_ascii_alphabetic() || c == '_') => {
+                let len = rest[1..]
+                    .find(|c: char| !(c.is_ascii_alphanumeric() || c == '_'))
+                    .unwrap_or(rest.len() - 1);
+                found.push((start, &rest[1..1 + len]));
+                lexer.pos = start + 1 + len;
+            }
+            _ => lexer.pos += c.len_utf8(),
+        }
+    }
+    found.into_iter()
+}
+
 /// Reads `name(.segment)*` after the colon; returns the value and the length read.
 fn read_placeholder(s: &str) -> (Result<Value, String>, usize) {
     let ident_len = |t: &str| {
@@ -400,6 +463,17 @@ mod tests {
             one("SELECT :data.a.b_c::float8, :data, :position, :type, :metadata.m"),
             "SELECT ($5 #>> '{a,b_c}')::float8, $5, $1, $2, ($6 #>> '{m}')"
         );
+    }
+
+    #[test]
+    fn substitute_replaces_only_named_placeholders_outside_literals() {
+        let sql = "SELECT count(*) FROM events WHERE id <= :position AND x::text <> ':position' -- :position\n AND :other";
+        assert_eq!(
+            substitute(sql, &[("position", "42::bigint".into())]),
+            "SELECT count(*) FROM events WHERE id <= 42::bigint AND x::text <> ':position' -- :position\n AND :other"
+        );
+        assert!(uses(sql, "position"));
+        assert!(!uses("SELECT ':position', $$ :position $$", "position"));
     }
 
     #[test]

@@ -3,9 +3,7 @@
 //! throwaway cluster of scripts/test, which serves TLS with a test CA and
 //! exports PROJECTIONIST_TEST_SSLROOTCERT; against another server it is skipped.
 
-mod common;
-
-use common::*;
+use crate::harness::*;
 
 fn tls_url(host: &str, query: &str) -> Option<String> {
     let Ok(root) = std::env::var("PROJECTIONIST_TEST_SSLROOTCERT") else {

@@ -1,9 +1,7 @@
 //! Faults and hostile input (issue 9): bad event payloads, injection attempts,
 //! a connection killed mid-boot, passwords in URLs.
 
-mod common;
-
-use common::*;
+use crate::harness::*;
 
 async fn insert(db: &TestDb, kind: &str, data: &str) -> i64 {
     db.client()
@@ -223,21 +221,6 @@ async fn a_statement_timeout_in_a_handler_is_a_handler_failure_with_a_clear_mess
     assert_eq!(db.count("SELECT count(*) FROM slow").await, 6);
 }
 
-/// Waits until `cond` holds on the ledger, failing after 30 s.
-async fn wait_for(db: &TestDb, name: &str, cond: impl Fn(&(String, i64)) -> bool) {
-    let deadline = std::time::Instant::now() + std::time::Duration::from_secs(30);
-    loop {
-        if db.ledger(name).await.as_ref().is_some_and(&cond) {
-            return;
-        }
-        assert!(
-            std::time::Instant::now() < deadline,
-            "timed out waiting for {name}"
-        );
-        tokio::time::sleep(std::time::Duration::from_millis(10)).await;
-    }
-}
-
 #[tokio::test]
 async fn sigkill_during_a_reset_replay_then_boot_finishes_it_exactly_once() {
     let db = TestDb::new().await;
@@ -252,7 +235,12 @@ async fn sigkill_during_a_reset_replay_then_boot_finishes_it_exactly_once() {
         .command(&["reset", "counter", "--yes", "-q"])
         .spawn()
         .unwrap();
-    wait_for(&db, "counter", |(s, p)| s == "booting" && *p > 5_000).await;
+    wait_for("counter to be booting past 5,000", 30.0, &[], async || {
+        db.ledger("counter")
+            .await
+            .is_some_and(|(s, p)| s == "booting" && p > 5_000)
+    })
+    .await;
     child.kill().unwrap();
     child.wait().unwrap();
     // The reset committed (tables emptied, position at the start); boot finishes the replay.

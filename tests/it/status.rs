@@ -3,9 +3,7 @@
 //! `--max-lag`, the exit codes, the detail view, the footer, and a verify
 //! mismatch healed.
 
-mod common;
-
-use common::*;
+use crate::harness::*;
 use serde_json::Value;
 
 /// A store of `n` events of type `Thing` (positions 1..=n), and a manifest
@@ -550,7 +548,8 @@ async fn verify_reports_ok_then_a_mismatch_and_heal_rebuilds() {
     let run = db.run(&["verify", "--json"]);
     run.expect(1);
     let json: Value = serde_json::from_str(&run.stdout).unwrap();
-    let list = json.as_array().expect("a list of checks");
+    let list = json["checks"].as_array().expect("a list of checks");
+    assert_eq!(json["healed"], serde_json::json!([]));
     assert_eq!(list.len(), 6);
     let bad: Vec<&Value> = list.iter().filter(|c| c["ok"] == false).collect();
     assert_eq!(bad.len(), 1, "{json}");

@@ -1,9 +1,7 @@
 //! `after` (issue 10): concurrent boots give the same tables as playing the
 //! events in order, and dependencies are honoured in boot.
 
-mod common;
-
-use common::*;
+use crate::harness::*;
 
 #[tokio::test]
 async fn concurrent_boots_from_scratch_equal_ordered_play_twenty_times() {

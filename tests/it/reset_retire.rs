@@ -2,11 +2,9 @@
 //! confirmation, side effects, `from_now`, the retirement migration and its
 //! refusals, applying it with `migrate`, quoting, and rollback safety.
 
-mod common;
-
 use std::path::{Path, PathBuf};
 
-use common::*;
+use crate::harness::*;
 use serde_json::Value;
 
 /// A store of `n` events of type `Thing` (positions 1..=n), a few tables for
@@ -245,7 +243,7 @@ on.Thing = "INSERT INTO seen (id) VALUES (:position)"
     .await;
     db.run(&["boot"]).expect(0);
     assert_eq!(db.ledger("welcome").await.unwrap(), ("live".into(), 100));
-    add_things(&db, 30).await;
+    add_things(&db.client().await, 30).await;
     assert_eq!(
         db.count("SELECT count(*) FROM seen").await,
         0,
@@ -284,7 +282,7 @@ on.Thing = "INSERT INTO seen (id) VALUES (:position)"
         .batch_execute("BEGIN; SELECT pg_current_xact_id()")
         .await
         .unwrap();
-    add_things(&db, 30).await;
+    add_things(&db.client().await, 30).await;
     let release = tokio::spawn(async move {
         tokio::time::sleep(std::time::Duration::from_secs(2)).await;
         holder.batch_execute("COMMIT").await.unwrap();

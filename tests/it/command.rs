@@ -1,11 +1,9 @@
 //! Command projectors with real child processes (issue 7): delivery, failure,
 //! at-least-once across SIGKILL, protocol errors, filtering.
 
-mod common;
-
 use std::collections::HashMap;
 
-use common::*;
+use crate::harness::*;
 
 fn recorder_manifest(db: &TestDb, env_prefix: &str, extra: &str) {
     let recorder = root().join("tests/fixtures/recorder.py");

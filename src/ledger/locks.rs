@@ -1,0 +1,196 @@
+//! The advisory locks that keep runs apart, keyed by the ledger schema so two
+//! ledgers in one database never collide. Every lock projectionist takes is a
+//! [`LockKey`]; waiting for one says who holds it.
+
+use anyhow::{Context, Result};
+use chrono::{DateTime, Utc};
+use tokio_postgres::{Client, GenericClient};
+
+use crate::db::RowExt;
+use crate::error::Failure;
+
+/// Every advisory lock projectionist takes.
+#[derive(Clone, Copy, Debug, PartialEq, Eq)]
+pub enum LockKey<'a> {
+    /// One boot at a time per database (session lock of boot's control connection).
+    Boot,
+    /// One migrate at a time.
+    Migrate,
+    /// A projector being worked on: boot and reset hold it as a session lock
+    /// for their whole run; play takes it per batch (a transaction lock), so
+    /// play never interleaves with them.
+    Projector(&'a str),
+    /// The runner that plays a projector (session lock on that projector's
+    /// own connection, held while it plays): one runner per projector.
+    Owner(&'a str),
+}
+
+impl LockKey<'_> {
+    fn text(&self) -> String {
+        match self {
+            LockKey::Boot => "boot".into(),
+            LockKey::Migrate => "migrate".into(),
+            LockKey::Projector(name) => format!("projector:{name}"),
+            LockKey::Owner(name) => format!("owner:{name}"),
+        }
+    }
+
+    /// What the lock guards, for messages.
+    fn what(&self) -> String {
+        match self {
+            LockKey::Boot => "boot (one at a time per database)".into(),
+            LockKey::Migrate => "migrate".into(),
+            LockKey::Projector(name) => format!("projector `{name}`"),
+            LockKey::Owner(name) => format!("the runner of projector `{name}`"),
+        }
+    }
+}
+
+#[derive(Clone, Debug)]
+pub struct Locks {
+    namespace: String,
+}
+
+/// Who holds a lock, for the message of the one who waits.
+#[derive(Clone, Debug)]
+pub struct LockHolder {
+    pub pid: i32,
+    pub application: String,
+    pub client: Option<String>,
+    pub since: Option<DateTime<Utc>>,
+}
+
+impl std::fmt::Display for LockHolder {
+    fn fmt(&self, f: &mut std::fmt::Formatter<'_>) -> std::fmt::Result {
+        write!(f, "pid {} ({}", self.pid, self.application)?;
+        if let Some(c) = &self.client {
+            write!(f, " from {c}")?;
+        }
+        write!(f, ")")?;
+        if let Some(s) = self.since {
+            write!(f, " since {}", s.format("%Y-%m-%d %H:%M:%S UTC"))?;
+        }
+        Ok(())
+    }
+}
+
+impl Locks {
+    pub fn new(ledger_schema: &str) -> Locks {
+        Locks {
+            namespace: format!("projectionist:{ledger_schema}"),
+        }
+    }
+
+    /// Tries a session-level lock once.
+    pub async fn try_lock(&self, client: &impl GenericClient, key: LockKey<'_>) -> Result<bool> {
+        client
+            .query_one(
+                "SELECT pg_try_advisory_lock(hashtext($1), hashtext($2))",
+                &[&self.namespace, &key.text()],
+            )
+            .await
+            .context("taking an advisory lock")?
+            .col(0)
+    }
+
+    /// Tries a transaction-level lock (released at commit or rollback).
+    pub async fn try_xact_lock(
+        &self,
+        client: &impl GenericClient,
+        key: LockKey<'_>,
+    ) -> Result<bool> {
+        client
+            .query_one(
+                "SELECT pg_try_advisory_xact_lock(hashtext($1), hashtext($2))",
+                &[&self.namespace, &key.text()],
+            )
+            .await
+            .context("taking an advisory lock")?
+            .col(0)
+    }
+
+    pub async fn unlock(&self, client: &impl GenericClient, key: LockKey<'_>) -> Result<()> {
+        client
+            .execute(
+                "SELECT pg_advisory_unlock(hashtext($1), hashtext($2))",
+                &[&self.namespace, &key.text()],
+            )
+            .await?;
+        Ok(())
+    }
+
+    /// Waits for a lock up to `timeout` (`None`: fail at once), saying who holds it.
+    pub async fn lock(
+        &self,
+        client: &Client,
+        key: LockKey<'_>,
+        timeout: Option<std::time::Duration>,
+    ) -> Result<()> {
+        if self.try_lock(client, key).await? {
+            return Ok(());
+        }
+        let what = key.what();
+        let holder = self.holder(client, key).await?;
+        let who = holder
+            .as_ref()
+            .map(|h| h.to_string())
+            .unwrap_or_else(|| "another session".into());
+        let Some(timeout) = timeout else {
+            return Err(Failure::Locked(format!(
+                "{what} is locked by {who}\n  wait for it to finish (drop --no-wait to wait up to --lock-timeout)"
+            ))
+            .into());
+        };
+        tracing::warn!("waiting for {what}: locked by {who}");
+        let deadline = tokio::time::Instant::now() + timeout;
+        let mut last_note = tokio::time::Instant::now();
+        loop {
+            tokio::time::sleep(std::time::Duration::from_millis(200)).await;
+            if self.try_lock(client, key).await? {
+                return Ok(());
+            }
+            if tokio::time::Instant::now() >= deadline {
+                return Err(Failure::Locked(format!(
+                    "gave up waiting for {what} after {}: locked by {who}\n  raise --lock-timeout, or find out why it runs so long \
+                     (a holder whose machine died is dropped by the server within --session-timeout)",
+                    humantime::format_duration(timeout)
+                ))
+                .into());
+            }
+            if last_note.elapsed() >= std::time::Duration::from_secs(10) {
+                tracing::warn!("still waiting for {what}: locked by {who}");
+                last_note = tokio::time::Instant::now();
+            }
+        }
+    }
+
+    /// The session holding `key` in this database, if any.
+    pub async fn holder(
+        &self,
+        client: &impl GenericClient,
+        key: LockKey<'_>,
+    ) -> Result<Option<LockHolder>> {
+        let row = client
+            .query_opt(
+                "SELECT a.pid, coalesce(nullif(a.application_name, ''), 'unknown'), a.client_addr::text, a.backend_start \
+                 FROM pg_locks l JOIN pg_stat_activity a ON a.pid = l.pid \
+                 WHERE l.locktype = 'advisory' AND l.granted AND l.objsubid = 2 \
+                   AND l.database = (SELECT oid FROM pg_database WHERE datname = current_database()) \
+                   AND l.classid::bigint = (hashtext($1)::bigint & 4294967295) \
+                   AND l.objid::bigint = (hashtext($2)::bigint & 4294967295) \
+                 LIMIT 1",
+                &[&self.namespace, &key.text()],
+            )
+            .await
+            .context("looking up who holds a lock")?;
+        row.map(|r| {
+            Ok(LockHolder {
+                pid: r.col(0)?,
+                application: r.col(1)?,
+                client: r.col(2)?,
+                since: r.col(3)?,
+            })
+        })
+        .transpose()
+    }
+}

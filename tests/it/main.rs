@@ -1,0 +1,17 @@
+//! The integration tests of `projectionist`, in one binary: one module per
+//! area, and the [`harness`] they share. nextest runs every test in a process
+//! of its own; the tests run the real binary against a real PostgreSQL (see
+//! scripts/test).
+
+mod harness;
+
+mod after;
+mod boot;
+mod cli;
+mod command;
+mod gaps;
+mod play;
+mod reliability;
+mod reset_retire;
+mod status;
+mod tls;
