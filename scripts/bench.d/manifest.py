@@ -7,6 +7,9 @@
                                     `latency` recording each Ping event's delay
   manifest.py many SRC N [NAME...]  [store], the SQL projectors NAMEs of SRC, and N
                                     trivial from_now projectors bench_001...
+  manifest.py table SRC TABLE [NAME...]
+                                    as `sql`, over the events table TABLE without a
+                                    transaction column (nor notify): the hole rule reads it
 
 The text of the kept sections is copied verbatim, so the handlers are exactly the
 example's.
@@ -75,6 +78,24 @@ def main():
             '# inserting transaction started: each Ping INSERT is its own short transaction.\n'
             'on.Ping = "INSERT INTO bench_latency (position, delay) VALUES (:position, clock_timestamp() - :time)"\n'
         )
+    elif mode == "table":
+        table = sys.argv[3]
+        out = keep(text, sys.argv[4:] or None)
+        lines = []
+        in_store = in_check = False
+        for line in out.splitlines(keepends=True):
+            if line.startswith("["):
+                in_store = line.strip() == "[store]"
+                # The checks read the example's events table: left out.
+                in_check = line.startswith("[[")
+            if in_check:
+                continue
+            if in_store and re.match(r"^\s*(transaction|notify)\s*=", line):
+                continue
+            if in_store and re.match(r"^\s*table\s*=", line):
+                line = f'table = "{table}"\n'
+            lines.append(line)
+        sys.stdout.write("".join(lines))
     elif mode == "many":
         n = int(sys.argv[3])
         sys.stdout.write(keep(text, sys.argv[4:]))

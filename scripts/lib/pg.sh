@@ -2,8 +2,8 @@
 #
 # PostgreSQL bootstrap for scripts/test and scripts/demo (source this file).
 #
-#   pg_ensure   leaves an exported DATABASE_URL pointing at a server where we are
-#               superuser:
+#   pg_ensure   makes sure psql and python3 are there, and leaves an exported
+#               DATABASE_URL pointing at a server where we are superuser:
 #                 - DATABASE_URL already set: used as is (checked with psql);
 #                 - otherwise a THROWAWAY cluster is started (initdb in a fresh temp
 #                   dir, 127.0.0.1 on a free port from 55432 up, no durability) and
@@ -167,6 +167,7 @@ fsync = off
 synchronous_commit = off
 full_page_writes = off
 max_connections = 200
+max_prepared_transactions = 10
 shared_buffers = 256MB
 max_wal_size = 4GB
 checkpoint_timeout = 30min
@@ -225,7 +226,15 @@ pg_keep() {
     pg_log "keeping the throwaway cluster running; stop it with: $stop"
 }
 
+# python3 runs the example command projectors and the test consumers.
+_pg_ensure_python() {
+    command -v python3 >/dev/null 2>&1 && return 0
+    _pg_apt_install python3 ||
+        _pg_fail "python3 not found (the example command projectors and tests run it): install it (Debian/Ubuntu: apt-get install python3)"
+}
+
 pg_ensure() {
+    _pg_ensure_python
     local bindir
     if [ -n "${DATABASE_URL:-}" ]; then
         _pg_ensure_psql

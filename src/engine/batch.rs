@@ -20,7 +20,7 @@ use crate::handlers::command::Delivery;
 use crate::handlers::sql::{BatchOutcome, CompiledProjector};
 use crate::ledger::{Advance, FailureKind, LockKey, Run, State};
 use crate::manifest::Projector;
-use crate::store::{Gaps, Position, StoreShape};
+use crate::store::{PassedHoles, Position, StoreShape};
 
 /// What to do when a handler fails.
 #[derive(Clone, Copy, Debug, PartialEq, Eq)]
@@ -53,12 +53,12 @@ pub enum Batch {
     Stale(String),
 }
 
-/// The events a batch plays: (from, to], and the holes it passes.
+/// The events a batch plays: (from, to], and whether it passes holes.
 #[derive(Clone, Copy, Debug)]
-pub struct Range<'g> {
+pub struct Range {
     pub from: Position,
     pub to: Position,
-    pub gaps: &'g Gaps,
+    pub holes: Option<PassedHoles>,
 }
 
 /// A projector being played by one run: what every batch of it needs.
@@ -75,9 +75,9 @@ pub struct Player<'a> {
 }
 
 /// A batch in its transaction.
-struct Open<'t, 'g> {
+struct Open<'t> {
     tx: Transaction<'t>,
-    range: Range<'g>,
+    range: Range,
     /// The time of the event at the batch's end.
     time: Option<DateTime<Utc>>,
     on_failure: OnFailure,
@@ -89,7 +89,7 @@ impl Player<'_> {
         &self,
         client: &mut Client,
         runner: &mut Runner,
-        range: Range<'_>,
+        range: Range,
         on_failure: OnFailure,
     ) -> Result<Batch> {
         let time = self.shape.time_at(client, range.to).await?;
@@ -144,7 +144,7 @@ impl Player<'_> {
         &self,
         client: &mut Client,
         runner: &mut Runner,
-        range: Range<'_>,
+        range: Range,
         on_failure: OnFailure,
         attempts: u32,
     ) -> Result<Batch> {
@@ -204,17 +204,19 @@ impl Player<'_> {
 
     /// Commits the batch up to `to` (its end, or before a failure), with the
     /// holes passed on the way.
-    async fn commit(&self, open: Open<'_, '_>, to: Position, handled: i64) -> Result<()> {
+    async fn commit(&self, open: Open<'_>, to: Position, handled: i64) -> Result<()> {
         self.move_to(&open, to, handled).await?;
         open.tx.commit().await.context("committing a batch")
     }
 
-    async fn move_to(&self, open: &Open<'_, '_>, to: Position, handled: i64) -> Result<()> {
+    async fn move_to(&self, open: &Open<'_>, to: Position, handled: i64) -> Result<()> {
         let name = &self.projector.name;
-        self.ctx
-            .ledger
-            .record_holes(&open.tx, name, open.range.gaps, to)
-            .await?;
+        if let Some(holes) = open.range.holes {
+            self.ctx
+                .ledger
+                .record_holes(&open.tx, self.shape, name, (open.range.from, to), holes)
+                .await?;
+        }
         let time = if to == open.range.to {
             open.time
         } else {
@@ -231,7 +233,7 @@ impl Player<'_> {
     /// runs again up to it), record the failure by the policy, commit.
     async fn keep_before(
         &self,
-        open: Open<'_, '_>,
+        open: Open<'_>,
         compiled: &CompiledProjector,
         last_ok: Option<Position>,
         failure: Box<HandlerFailure>,
@@ -266,7 +268,7 @@ impl Player<'_> {
     /// event) and commits.
     async fn record(
         &self,
-        open: Open<'_, '_>,
+        open: Open<'_>,
         kept: Position,
         handled: i64,
         failure: Box<HandlerFailure>,
@@ -301,7 +303,7 @@ impl Player<'_> {
     }
 
     /// A command projector's batch: the ledger follows what the process acknowledged.
-    async fn finish_delivery(&self, open: Open<'_, '_>, delivery: Delivery) -> Result<Batch> {
+    async fn finish_delivery(&self, open: Open<'_>, delivery: Delivery) -> Result<Batch> {
         match delivery {
             Delivery::Done { sent } => {
                 let to = open.range.to;

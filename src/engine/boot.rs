@@ -566,12 +566,12 @@ impl Booting<'_> {
                 .plan(shape, &*client, pos, bound, shared.opts.batch_size)
                 .await?;
             match plan {
-                Plan::Batch { end, gaps } => {
+                Plan::Batch { end, holes } => {
                     held_since = None;
                     let range = Range {
                         from: pos,
                         to: end,
-                        gaps: &gaps,
+                        holes,
                     };
                     match player
                         .batch_retrying(client, &mut runner, range, OnFailure::Break, 5)

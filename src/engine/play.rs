@@ -482,11 +482,11 @@ impl Worker {
             .database
             .within(reader.plan(&self.shape, &*client, pos, bound, self.opts.batch_size))
             .await??;
-        let (end, gaps) = match plan {
+        let (end, holes) = match plan {
             Plan::CaughtUp => return Ok(Next::Idle),
             // What releases it notifies nobody: look again soon.
             Plan::Held { .. } => return Ok(Next::Soon),
-            Plan::Batch { end, gaps } => (end, gaps),
+            Plan::Batch { end, holes } => (end, holes),
         };
         let policy = match self.projector.on_error {
             OnError::Stop => OnFailure::Break,
@@ -505,7 +505,7 @@ impl Worker {
         let range = Range {
             from: pos,
             to: end,
-            gaps: &gaps,
+            holes,
         };
         Ok(match player.batch(client, runner, range, policy).await? {
             Batch::Locked => Next::Idle, // A boot or reset holds it.

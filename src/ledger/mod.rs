@@ -18,7 +18,7 @@ use crate::db::{RowExt, quote_ident};
 use crate::error::Failure;
 use crate::failure::HandlerFailure;
 use crate::manifest::{Mode, Projector};
-use crate::store::{Gaps, Position, StoreShape};
+use crate::store::{PassedHoles, Position, StoreShape};
 
 /// The ledger's migrations, in order. `__SCHEMA__` is the quoted schema.
 const MIGRATIONS: &[(&str, &str)] = &[
@@ -144,6 +144,52 @@ pub struct HoleRow {
     pub last_position: i64,
     pub holes: i64,
     pub passed_at: DateTime<Utc>,
+}
+
+/// A run of holes in the positions: `n` holes of `len` positions, the first
+/// starting at `lo`, each next one `stride` positions further.
+#[derive(Clone, Copy, Debug, PartialEq, Eq)]
+pub struct HoleRun {
+    pub lo: i64,
+    pub len: i64,
+    pub stride: i64,
+    pub n: i64,
+}
+
+impl HoleRun {
+    /// The last position of the run's last hole.
+    pub fn last(&self) -> i64 {
+        self.lo + self.stride * (self.n - 1) + self.len - 1
+    }
+
+    /// The holes between `after` and the sorted `positions`, as runs: a hole
+    /// joins the run before it when it is as long and as far from the one
+    /// before as the run's others are.
+    pub fn find(after: i64, positions: &[i64]) -> Vec<HoleRun> {
+        let mut runs: Vec<HoleRun> = Vec::new();
+        let mut prev = after;
+        for &p in positions {
+            let (lo, len) = (prev + 1, p - prev - 1);
+            prev = p;
+            if len <= 0 {
+                continue;
+            }
+            match runs.last_mut() {
+                Some(r) if r.len == len && r.n == 1 => {
+                    r.stride = lo - r.lo;
+                    r.n = 2;
+                }
+                Some(r) if r.len == len && r.lo + r.stride * r.n == lo => r.n += 1,
+                _ => runs.push(HoleRun {
+                    lo,
+                    len,
+                    stride: 0,
+                    n: 1,
+                }),
+            }
+        }
+        runs
+    }
 }
 
 /// An event that appeared inside a hole its projector had already passed.
@@ -506,37 +552,50 @@ impl Ledger {
         Ok(())
     }
 
-    /// Records the holes a projector passes in a batch (in the batch's transaction).
+    /// Records the holes a projector passes in (from, to], in the batch's
+    /// transaction: the positions are read again there (by the index), and
+    /// the holes between them kept as runs (see [`HoleRun`]), so a store whose
+    /// positions step by 1,000 costs a short row per batch.
     pub async fn record_holes(
         &self,
         client: &impl GenericClient,
+        shape: &StoreShape,
         name: &str,
-        gaps: &Gaps,
-        upto: Position,
+        (from, to): (Position, Position),
+        holes: PassedHoles,
     ) -> Result<()> {
-        let (lo, hi): (Vec<i64>, Vec<i64>) = gaps
-            .ranges
-            .iter()
-            .filter(|(_, hi)| *hi < upto.id)
-            .copied()
-            .unzip();
-        if lo.is_empty() {
+        let p = shape.position_expr();
+        let sql = format!(
+            "SELECT array(SELECT {p}::bigint FROM {rel} WHERE {p} > $1::bigint AND {p} <= $2::bigint ORDER BY {p})",
+            rel = shape.relation(),
+        );
+        let positions: Vec<i64> = client
+            .query_one(&sql, &[&from.id, &to.id])
+            .await
+            .context("reading the positions of a batch")?
+            .col(0)?;
+        let runs = HoleRun::find(from.id, &positions);
+        let (Some(first), Some(last)) = (runs.first(), runs.last()) else {
             return Ok(());
-        }
+        };
+        let (first, last) = (first.lo, last.last());
+        let column = |f: fn(&HoleRun) -> i64| runs.iter().map(f).collect::<Vec<i64>>();
         client
             .execute(
                 &format!(
-                    "INSERT INTO {} (projector, first_position, last_position, lo, hi, first_seen) \
-                     VALUES ($1, $2, $3, $4, $5, $6)",
+                    "INSERT INTO {} (projector, first_position, last_position, lo, len, stride, n, first_seen) \
+                     VALUES ($1, $2, $3, $4, $5, $6, $7, $8)",
                     self.table("holes")
                 ),
                 &[
                     &name,
-                    &lo[0],
-                    &hi[hi.len() - 1],
-                    &lo,
-                    &hi,
-                    &gaps.first_seen.unwrap_or_else(Utc::now),
+                    &first,
+                    &last,
+                    &column(|r| r.lo),
+                    &column(|r| r.len),
+                    &column(|r| r.stride),
+                    &column(|r| r.n),
+                    &holes.first_seen,
                 ],
             )
             .await
@@ -545,14 +604,17 @@ impl Ledger {
     }
 
     /// The query that tells which of a batch's holes (`$1` first and `$2`
-    /// last positions) some projector has passed before, by the index of each
-    /// known one: they are known to be passable.
+    /// last positions) some projector passed before, by the index of each:
+    /// they are known to be passable (only a late event can fill them). A
+    /// hole that shrank since is not known, and waits as a new one would.
     pub fn known_holes_sql(&self) -> String {
         format!(
             "SELECT g.i::int FROM unnest($1::bigint[], $2::bigint[]) WITH ORDINALITY AS g(lo, hi, i) \
              WHERE EXISTS (SELECT 1 FROM {} h \
+               CROSS JOIN LATERAL unnest(h.lo, h.len, h.stride, h.n) AS x(lo, len, stride, n) \
                WHERE int8range(h.first_position, h.last_position, '[]') @> int8range(g.lo, g.hi, '[]') \
-                 AND EXISTS (SELECT 1 FROM unnest(h.lo, h.hi) AS x(lo, hi) WHERE x.lo <= g.lo AND x.hi >= g.hi))",
+                 AND x.len = g.hi - g.lo + 1 AND g.lo BETWEEN x.lo AND x.lo + x.stride * (x.n - 1) \
+                 AND (g.lo = x.lo OR (x.stride > 0 AND (g.lo - x.lo) % x.stride = 0)))",
             self.table("holes")
         )
     }
@@ -562,8 +624,8 @@ impl Ledger {
         client
             .query(
                 &format!(
-                    "SELECT first_position, last_position, cardinality(lo)::bigint, passed_at FROM {} \
-                     WHERE projector = $1 ORDER BY first_position DESC LIMIT 10",
+                    "SELECT first_position, last_position, (SELECT sum(x) FROM unnest(n) x)::bigint, passed_at \
+                     FROM {} WHERE projector = $1 ORDER BY first_position DESC LIMIT 10",
                     self.table("holes")
                 ),
                 &[&name],
@@ -628,14 +690,16 @@ impl Ledger {
             return Ok(Vec::new());
         }
         let sql = format!(
-            "WITH g AS (SELECT h.projector, x.pj_lo, x.pj_hi FROM {holes} h \
-                CROSS JOIN LATERAL unnest(h.lo, h.hi) AS x(pj_lo, pj_hi) \
+            "WITH g AS (SELECT h.projector, x.pj_lo, x.pj_len, x.pj_stride, x.pj_n FROM {holes} h \
+                CROSS JOIN LATERAL unnest(h.lo, h.len, h.stride, h.n) AS x(pj_lo, pj_len, pj_stride, pj_n) \
                 WHERE h.projector IS NOT NULL AND (cardinality($1::text[]) = 0 OR h.projector = ANY($1))), \
-             d AS (SELECT DISTINCT pj_lo, pj_hi FROM g), \
-             f AS (SELECT d.pj_lo, d.pj_hi, l.pj_position, l.pj_type FROM d CROSS JOIN LATERAL ( \
+             d AS (SELECT DISTINCT pj_lo, pj_len, pj_stride, pj_n FROM g), \
+             f AS (SELECT d.pj_lo, d.pj_len, d.pj_stride, d.pj_n, l.pj_position, l.pj_type FROM d CROSS JOIN LATERAL ( \
                 SELECT {pos}::bigint AS pj_position, {ty} AS pj_type FROM {rel} \
-                WHERE {pos} >= d.pj_lo AND {pos} <= d.pj_hi AND {filter} ORDER BY {pos} LIMIT 100) l) \
-             SELECT g.projector, f.pj_position, f.pj_type FROM g JOIN f USING (pj_lo, pj_hi) \
+                WHERE {pos} >= d.pj_lo AND {pos} <= d.pj_lo + d.pj_stride * (d.pj_n - 1) + d.pj_len - 1 \
+                  AND (d.pj_stride = 0 OR ({pos} - d.pj_lo) % d.pj_stride < d.pj_len) AND {filter} \
+                ORDER BY {pos} LIMIT 100) l) \
+             SELECT g.projector, f.pj_position, f.pj_type FROM g JOIN f USING (pj_lo, pj_len, pj_stride, pj_n) \
              ORDER BY 1, 2 LIMIT 1000",
             holes = self.table("holes"),
             pos = shape.position_expr(),
@@ -712,4 +776,45 @@ fn row(r: &Row) -> Result<LedgerRow> {
         missing_since: r.col(13)?,
         updated_at: r.col(14)?,
     })
+}
+
+#[cfg(test)]
+mod tests {
+    use super::HoleRun;
+
+    fn run(lo: i64, len: i64, stride: i64, n: i64) -> HoleRun {
+        HoleRun { lo, len, stride, n }
+    }
+
+    #[test]
+    fn holes_are_found_as_runs() {
+        // Dense: no holes.
+        assert_eq!(HoleRun::find(0, &[1, 2, 3]), vec![]);
+        // Positions stepping by 1,000: one run, however long.
+        let step: Vec<i64> = (1..=5).map(|i| i * 1000).collect();
+        assert_eq!(HoleRun::find(0, &step), vec![run(1, 999, 1000, 5)]);
+        assert_eq!(run(1, 999, 1000, 5).last(), 4999);
+        // Scattered holes (rolled-back ids): a run of one each, or two that happen to line up.
+        assert_eq!(
+            HoleRun::find(10, &[11, 13, 14, 17, 20]),
+            vec![run(12, 1, 0, 1), run(15, 2, 3, 2)]
+        );
+        assert_eq!(
+            HoleRun::find(0, &[2, 4, 7]),
+            vec![run(1, 1, 2, 2), run(5, 2, 0, 1)]
+        );
+        // Every hole of every case is covered, and nothing else.
+        for (after, positions) in [
+            (10, vec![11, 13, 14, 17, 20]),
+            (0, vec![2, 4, 7, 8, 12, 16, 20]),
+        ] {
+            let runs = HoleRun::find(after, &positions);
+            for x in after + 1..=*positions.last().unwrap() {
+                let in_hole = runs.iter().any(|r| {
+                    (0..r.n).any(|k| x >= r.lo + k * r.stride && x < r.lo + k * r.stride + r.len)
+                });
+                assert_eq!(in_hole, !positions.contains(&x), "position {x}");
+            }
+        }
+    }
 }

@@ -17,7 +17,7 @@ use chrono::{DateTime, Utc};
 use tokio_postgres::types::ToSql;
 use tokio_postgres::{Client, GenericClient};
 
-pub use reader::{Gaps, Holder, Plan, Reader};
+pub use reader::{Holder, PassedHoles, Plan, Reader};
 
 use crate::db::{RowExt, quote_ident, quote_literal, quote_qualified};
 use crate::manifest::{Problem, Store};
@@ -698,13 +698,20 @@ fn expression_problem(
         ),
         None => (e.to_string(), String::new()),
     };
-    let p = Problem::new(
-        span,
-        format!("store.{key} is not a column or a valid SQL expression over the store's row"),
-        label,
-    );
+    let (message, hint) = if key == "filter" {
+        (
+            "store.filter is not a valid SQL condition over the store's row".to_string(),
+            "write a boolean SQL condition over the row, e.g. NOT is_archived AND message_kind = 'E'",
+        )
+    } else {
+        (
+            format!("store.{key} is not a column or a valid SQL expression over the store's row"),
+            "write a column name, or an SQL expression over the row such as message->>'type'",
+        )
+    };
+    let p = Problem::new(span, message, label);
     if help.is_empty() {
-        p.help("write a column name, or an SQL expression over the row such as message->>'type'")
+        p.help(hint)
     } else {
         p.help(help)
     }

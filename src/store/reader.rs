@@ -115,20 +115,22 @@ impl std::fmt::Display for Holder {
     }
 }
 
-/// The holes of a batch, passed on the way to its end.
-#[derive(Clone, Debug, Default, PartialEq, Eq)]
-pub struct Gaps {
-    /// First and last position of each hole.
-    pub ranges: Vec<(i64, i64)>,
+/// A batch passes holes on the way to its end: they are recorded with it
+/// (the ledger finds them in the store again, inside the batch's transaction).
+#[derive(Clone, Copy, Debug, PartialEq, Eq)]
+pub struct PassedHoles {
     /// When they were first seen (server time).
-    pub first_seen: Option<DateTime<Utc>>,
+    pub first_seen: DateTime<Utc>,
 }
 
 /// What a reader may do next.
 #[derive(Clone, Debug, PartialEq)]
 pub enum Plan {
-    /// Play (after, end]; `gaps` are the holes it passes (recorded with the batch).
-    Batch { end: Position, gaps: Gaps },
+    /// Play (after, end], passing holes on the way if `holes` (recorded with the batch).
+    Batch {
+        end: Position,
+        holes: Option<PassedHoles>,
+    },
     /// Everything visible (up to the bound) is read.
     CaughtUp,
     /// Events are visible past `after`, but a running transaction may still
@@ -181,6 +183,9 @@ impl Reader {
         let Some(sql) = &self.known_holes else {
             return Ok(known);
         };
+        if gaps.is_empty() {
+            return Ok(known);
+        }
         let (lo, hi): (Vec<i64>, Vec<i64>) = gaps.iter().copied().unzip();
         for r in client
             .query(sql, &[&lo, &hi])
@@ -226,13 +231,11 @@ impl Reader {
             Some(_) => format!(" AND {p} <= $3::bigint"),
             None => String::new(),
         };
-        // The window's last position and its holes, in one indexed pass.
+        // The window's last position and its number of rows, by the index: it
+        // has holes when it spans more positions than it has rows.
         let sql = format!(
-            "SELECT max(g.p), coalesce(array_agg(g.lo ORDER BY g.lo) FILTER (WHERE g.lo <= g.hi), '{{}}'), \
-                    coalesce(array_agg(g.hi ORDER BY g.lo) FILTER (WHERE g.lo <= g.hi), '{{}}') \
-             FROM (SELECT b.p, lag(b.p, 1, $1::bigint) OVER (ORDER BY b.p) + 1 AS lo, b.p - 1 AS hi \
-                   FROM (SELECT {p}::bigint AS p FROM {rel} WHERE {p} > $1::bigint{upto} \
-                         ORDER BY {p} LIMIT $2::bigint) b) g",
+            "SELECT max(b.p), count(*) FROM (SELECT {p}::bigint AS p FROM {rel} \
+               WHERE {p} > $1::bigint{upto} ORDER BY {p} LIMIT $2::bigint) b",
             rel = shape.relation(),
         );
         let bound_id = bound.map(|b| b.id);
@@ -247,16 +250,35 @@ impl Reader {
         let Some(end) = row.col::<Option<i64>>(0)? else {
             return Ok(Plan::CaughtUp);
         };
-        let lo: Vec<i64> = row.col(1)?;
-        let hi: Vec<i64> = row.col(2)?;
-        let gaps: Vec<(i64, i64)> = lo.into_iter().zip(hi).collect();
+        let rows: i64 = row.col(1)?;
         let at = |id: i64| Position { tx: None, id };
-        if gaps.is_empty() {
+        if end - after.id == rows {
             return Ok(Plan::Batch {
                 end: at(end),
-                gaps: Gaps::default(),
+                holes: None,
             });
         }
+        let watch = match self.watch.take().filter(|w| w.covers > after.id) {
+            Some(w) => w,
+            None => {
+                let w = self.snapshot(shape, client, end).await?;
+                if w.xids.is_empty() && w.vxids.is_empty() {
+                    // Nothing was running: no hole seen now can be filled any more.
+                    return Ok(Plan::Batch {
+                        end: at(end),
+                        holes: Some(PassedHoles {
+                            first_seen: w.first_seen,
+                        }),
+                    });
+                }
+                w
+            }
+        };
+        let passed = Some(PassedHoles {
+            first_seen: watch.first_seen,
+        });
+        // Something runs: the holes some projector passed before need not wait for it.
+        let gaps = self.gaps(shape, client, after, at(end)).await?;
         let known = self.known(client, &gaps).await?;
         let unknown: Vec<(i64, i64)> = gaps
             .iter()
@@ -267,28 +289,8 @@ impl Reader {
         let Some(&(first, first_hi)) = unknown.first() else {
             return Ok(Plan::Batch {
                 end: at(end),
-                gaps: Gaps {
-                    ranges: gaps,
-                    first_seen: None,
-                },
+                holes: passed,
             });
-        };
-        let watch = match self.watch.take().filter(|w| w.covers >= first) {
-            Some(w) => w,
-            None => {
-                let w = self.snapshot(shape, client, end).await?;
-                if w.xids.is_empty() && w.vxids.is_empty() {
-                    // Nothing was running: no hole seen now can be filled any more.
-                    return Ok(Plan::Batch {
-                        end: at(end),
-                        gaps: Gaps {
-                            ranges: gaps,
-                            first_seen: Some(w.first_seen),
-                        },
-                    });
-                }
-                w
-            }
         };
         let started = Instant::now();
         loop {
@@ -300,10 +302,7 @@ impl Reader {
                 };
                 return Ok(Plan::Batch {
                     end: at(end),
-                    gaps: Gaps {
-                        ranges: gaps.into_iter().filter(|(_, hi)| *hi < end).collect(),
-                        first_seen: Some(watch.first_seen),
-                    },
+                    holes: passed,
                 });
             }
             if started.elapsed() >= BRIEF_WAIT {
@@ -311,23 +310,44 @@ impl Reader {
             }
             tokio::time::sleep(Duration::from_millis(5)).await;
         }
-        let first_seen = watch.first_seen;
         self.watch = Some(watch);
         if first - 1 > after.id {
-            // The events before the first hole that may still fill are safe.
-            let end = first - 1;
+            // The events before the first hole that may still fill are safe
+            // (the known holes before it are passed).
             return Ok(Plan::Batch {
-                end: at(end),
-                gaps: Gaps {
-                    ranges: gaps.into_iter().filter(|(_, hi)| *hi < end).collect(),
-                    first_seen: Some(first_seen),
-                },
+                end: at(first - 1),
+                holes: passed,
             });
         }
         Ok(Plan::Held {
             visible: at(first_hi + 1),
             by: holders(shape, client).await?,
         })
+    }
+
+    /// The holes in (after, end]: first and last position of each.
+    async fn gaps(
+        &self,
+        shape: &StoreShape,
+        client: &impl GenericClient,
+        after: Position,
+        end: Position,
+    ) -> Result<Vec<(i64, i64)>> {
+        let p = shape.position_expr();
+        let sql = format!(
+            "SELECT coalesce(array_agg(g.lo ORDER BY g.lo) FILTER (WHERE g.lo <= g.hi), '{{}}'), \
+                    coalesce(array_agg(g.hi ORDER BY g.lo) FILTER (WHERE g.lo <= g.hi), '{{}}') \
+             FROM (SELECT lag(b.p, 1, $1::bigint) OVER (ORDER BY b.p) + 1 AS lo, b.p - 1 AS hi \
+                   FROM (SELECT {p}::bigint AS p FROM {rel} WHERE {p} > $1::bigint AND {p} <= $2::bigint) b) g",
+            rel = shape.relation(),
+        );
+        let row = client
+            .query_one(&sql, &[&after.id, &end.id])
+            .await
+            .context("finding the holes of a batch")?;
+        let lo: Vec<i64> = row.col(0)?;
+        let hi: Vec<i64> = row.col(1)?;
+        Ok(lo.into_iter().zip(hi).collect())
     }
 
     /// The transactions that may still fill a hole seen now.
@@ -466,7 +486,7 @@ async fn plan_by_transaction(
     {
         return Ok(Plan::Batch {
             end: Position::from_parts(r.col(0)?, r.col(1)?)?,
-            gaps: Gaps::default(),
+            holes: None,
         });
     }
     // Nothing below the horizon: is anything visible beyond it?

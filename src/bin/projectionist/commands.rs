@@ -1,7 +1,7 @@
 //! One function per command: it runs the engine, prints the result (tables
 //! and JSON on stdout, reports on stderr) and returns the exit status.
 
-use std::io::IsTerminal;
+use std::io::{IsTerminal, Write};
 use std::time::Duration;
 
 use anyhow::Result;
@@ -13,6 +13,38 @@ use projectionist::engine::{self, Context};
 use projectionist::error::{ExitStatus, Failure};
 use projectionist::manifest::Manifest;
 use projectionist::report;
+
+/// Prints a line on stdout; a closed pipe (`status --json | head`) ends the
+/// program quietly, as it does for `cat`.
+macro_rules! outln {
+    ($($arg:tt)*) => { write_stdout(format_args!($($arg)*), true) };
+}
+
+/// Prints on stdout, without a newline.
+macro_rules! out {
+    ($($arg:tt)*) => { write_stdout(format_args!($($arg)*), false) };
+}
+
+fn write_stdout(args: std::fmt::Arguments, newline: bool) {
+    let mut stdout = std::io::stdout().lock();
+    let written = stdout
+        .write_fmt(args)
+        .and_then(|_| {
+            if newline {
+                stdout.write_all(b"\n")
+            } else {
+                Ok(())
+            }
+        })
+        .and_then(|_| stdout.flush());
+    if let Err(e) = written {
+        if e.kind() == std::io::ErrorKind::BrokenPipe {
+            std::process::exit(0);
+        }
+        eprintln!("error: writing to stdout: {e}");
+        std::process::exit(1);
+    }
+}
 
 /// Runs the parsed command line.
 pub async fn run(cli: Cli) -> Result<ExitStatus> {
@@ -72,7 +104,7 @@ fn progress(g: &cli::Global, quiet: bool, command: &'static str) -> report::prog
 fn init(g: &cli::Global) -> Result<ExitStatus> {
     for path in engine::init::init(&g.manifest)? {
         if !g.quiet {
-            println!("wrote {}", path.display());
+            outln!("wrote {}", path.display());
         }
     }
     Ok(ExitStatus::Success)
@@ -86,7 +118,7 @@ async fn validate(g: &cli::Global) -> Result<ExitStatus> {
         eprintln!("warning: {advice}");
     }
     if !g.quiet {
-        println!(
+        outln!(
             "{}: {} projectors, store {} and every handler check out against {}",
             ctx.manifest.path.display(),
             ctx.manifest.projectors.len(),
@@ -110,10 +142,10 @@ async fn migrate(g: &cli::Global, args: cli::MigrateArgs) -> Result<ExitStatus> 
         engine::migrate::migrate(&db, &ledger, &args.dir.dir, Some(args.lock.lock_timeout)).await?;
     if !g.quiet {
         for m in &applied {
-            println!("applied {} migration V{}__{}", m.set, m.version, m.name);
+            outln!("applied {} migration V{}__{}", m.set, m.version, m.name);
         }
         if applied.is_empty() {
-            println!("nothing to apply: the database is up to date");
+            outln!("nothing to apply: the database is up to date");
         }
     }
     Ok(ExitStatus::Success)
@@ -135,9 +167,9 @@ async fn boot(g: &cli::Global, args: cli::BootArgs) -> Result<ExitStatus> {
     let json = args.output.json;
     let result = engine::boot::boot(&ctx, opts, &progress(g, json, "boot")).await?;
     if json {
-        println!("{}", serde_json::to_string_pretty(&result)?);
+        outln!("{}", serde_json::to_string_pretty(&result)?);
     } else if !g.quiet && !result.projectors.is_empty() {
-        println!("{}", report::boot::table(&result));
+        outln!("{}", report::boot::table(&result));
     }
     print_boot_problems(&result);
     Ok(if result.succeeded() {
@@ -197,11 +229,11 @@ fn notify_install(
     let manifest = Manifest::load(&g.manifest)?;
     let (path, sql) = engine::notify::migration(&manifest, channel, dir)?;
     if dry_run {
-        print!("{sql}");
+        out!("{sql}");
     } else {
         engine::migrate::write_new(&path, &sql)?;
         if !g.quiet {
-            println!(
+            outln!(
                 "wrote {}\n  review it, run `projectionist migrate`, and set notify = \"{channel}\" under [store]",
                 path.display()
             );
@@ -234,12 +266,12 @@ async fn reset(g: &cli::Global, args: cli::ResetArgs) -> Result<ExitStatus> {
         match &o.replay {
             None => {
                 if !g.quiet {
-                    println!("reset {}: the next `projectionist boot` replays it", o.name)
+                    outln!("reset {}: the next `projectionist boot` replays it", o.name)
                 }
             }
             Some(r) => {
                 if !g.quiet {
-                    println!("{}", report::boot::table(r));
+                    outln!("{}", report::boot::table(r));
                 }
                 if !r.succeeded() {
                     status = ExitStatus::Unhealthy;
@@ -256,11 +288,11 @@ async fn retire(g: &cli::Global, args: cli::RetireArgs) -> Result<ExitStatus> {
     let client = ctx.connect("retire", Session::Reader).await?;
     let r = engine::retire::retire(&ctx, &client, &args.name, args.min_age, &args.dir.dir).await?;
     if args.dry_run {
-        print!("{}", r.sql);
+        out!("{}", r.sql);
     } else {
         engine::retire::write(&r)?;
         if !g.quiet {
-            println!(
+            outln!(
                 "wrote {}\n  review it, commit it, and `projectionist migrate` applies it",
                 r.path.display()
             );
@@ -275,12 +307,12 @@ async fn verify(g: &cli::Global, args: cli::VerifyArgs) -> Result<ExitStatus> {
     let v =
         engine::verify::verify(&ctx, &args.names, args.heal, &progress(g, json, "reset")).await?;
     if json {
-        println!("{}", serde_json::to_string_pretty(&v)?);
+        outln!("{}", serde_json::to_string_pretty(&v)?);
     } else {
-        println!("{}", report::verify::table(&v.results));
+        outln!("{}", report::verify::table(&v.results));
         if !v.healed.is_empty() {
             eprintln!("healed: reset {}", v.healed.join(", "));
-            println!("{}", report::verify::table(&v.after_heal));
+            outln!("{}", report::verify::table(&v.after_heal));
         }
     }
     Ok(if v.failed() {
@@ -320,14 +352,14 @@ async fn status(g: &cli::Global, args: cli::StatusArgs) -> Result<ExitStatus> {
         };
         let detail = bounded(&ctx, limit, engine::status::detail(&ctx, &client, name)).await?;
         if args.output.json {
-            println!(
+            outln!(
                 "{}",
                 serde_json::to_string_pretty(
                     &serde_json::json!({"projector": p, "failures": detail.failures, "holes": detail.holes})
                 )?
             );
         } else {
-            println!("{}", report::status::detail(p, &detail, &report));
+            outln!("{}", report::status::detail(p, &detail, &report));
         }
         return Ok(if p.unhealthy(None).is_some() {
             ExitStatus::Unhealthy
@@ -338,9 +370,9 @@ async fn status(g: &cli::Global, args: cli::StatusArgs) -> Result<ExitStatus> {
     let Some(every) = args.watch else {
         let report = bounded(&ctx, limit, engine::status::status(&ctx, &client)).await?;
         if args.output.json {
-            println!("{}", serde_json::to_string_pretty(&report)?);
+            outln!("{}", serde_json::to_string_pretty(&report)?);
         } else {
-            println!("{}", report::status::table(&report, g.verbose > 0));
+            outln!("{}", report::status::table(&report, g.verbose > 0));
         }
         let unhealthy = report.unhealthy(args.max_lag);
         if !g.quiet && !args.output.json {
@@ -374,11 +406,11 @@ async fn watch_status(
         let report = bounded(ctx, limit, engine::status::status(ctx, &client)).await?;
         if tty {
             // Clear the screen and go home: refresh in place.
-            print!("\x1b[2J\x1b[H");
+            out!("\x1b[2J\x1b[H");
         }
-        println!("{}", report::status::table(&report, verbose));
+        outln!("{}", report::status::table(&report, verbose));
         if tty {
-            println!("\nevery {}s, Ctrl-C to stop", every.as_secs_f64());
+            outln!("\nevery {}s, Ctrl-C to stop", every.as_secs_f64());
         }
         tokio::select! {
             _ = tokio::time::sleep(every) => {}

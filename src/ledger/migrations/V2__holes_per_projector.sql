@@ -1,11 +1,13 @@
--- Passed holes are recorded per projector, one row per batch that passed any
--- (its holes as arrays of first and last positions, so a sparse store costs a
--- row per batch, not a row per hole). An event that later appears inside a
--- hole a projector already passed is a late event: it is looked up by these
--- rows, reported, and remembered in late_events (so it is alerted once).
--- Both go with their projector's row (retire). A rebuild forgets its late
--- events and hands its holes over to no projector (projector NULL): they stay
--- known to be passable, but are no longer the rebuilt projector's to check.
+-- Passed holes are recorded per projector, one row per batch that passed any.
+-- The holes of a batch are kept as runs: the run i is n[i] holes of len[i]
+-- positions, the first at lo[i], each next one stride[i] positions further
+-- (a sequence INCREMENT BY 1000 makes one run per batch, however many holes).
+-- An event that later appears inside a hole a projector already passed is a
+-- late event: it is looked up by these rows, reported, and remembered in
+-- late_events (so it is alerted once). Both go with their projector's row
+-- (retire). A rebuild forgets its late events and hands its holes over to no
+-- projector (projector NULL): they stay known to be passable, but are no
+-- longer the rebuilt projector's to check.
 
 CREATE TEMP TABLE projectionist_holes_v1 ON COMMIT DROP AS SELECT * FROM __SCHEMA__.holes;
 DROP TABLE __SCHEMA__.holes;
@@ -13,11 +15,13 @@ DROP TABLE __SCHEMA__.holes;
 CREATE TABLE __SCHEMA__.holes (
     id              bigserial PRIMARY KEY,
     projector       text REFERENCES __SCHEMA__.projectors (name) ON DELETE CASCADE,
+    -- The first and last position of any hole of the batch.
     first_position  bigint NOT NULL,
     last_position   bigint NOT NULL,
-    -- The batch's holes: lo[i] ..= hi[i].
     lo              bigint[] NOT NULL,
-    hi              bigint[] NOT NULL,
+    len             bigint[] NOT NULL,
+    stride          bigint[] NOT NULL,
+    n               bigint[] NOT NULL,
     first_seen      timestamptz NOT NULL,
     passed_at       timestamptz NOT NULL DEFAULT now()
 );
@@ -27,8 +31,9 @@ CREATE INDEX holes_projector ON __SCHEMA__.holes (projector, first_position);
 CREATE INDEX holes_span ON __SCHEMA__.holes USING gist (int8range(first_position, last_position, '[]'));
 
 -- Holes recorded before: every projector at or past them had passed them.
-INSERT INTO __SCHEMA__.holes (projector, first_position, last_position, lo, hi, first_seen, passed_at)
-SELECT p.name, h.first_position, h.last_position, ARRAY[h.first_position], ARRAY[h.last_position],
+INSERT INTO __SCHEMA__.holes (projector, first_position, last_position, lo, len, stride, n, first_seen, passed_at)
+SELECT p.name, h.first_position, h.last_position, ARRAY[h.first_position],
+       ARRAY[h.last_position - h.first_position + 1], ARRAY[0::bigint], ARRAY[1::bigint],
        h.first_seen, h.passed_at
 FROM projectionist_holes_v1 h
 JOIN __SCHEMA__.projectors p ON p.position >= h.last_position AND p.tx IS NULL;
