@@ -71,9 +71,10 @@ pub fn trouble(err: &anyhow::Error) -> Trouble {
             }
             match pg.code() {
                 Some(code) => return classify_sqlstate(code),
-                // No SQLSTATE: an I/O error on the socket, or a closed connection.
-                None if pg.as_db_error().is_none() => return Trouble::Connection,
-                None => {}
+                // No SQLSTATE: an I/O error on the socket is the connection's;
+                // anything else (a value that does not convert) is not.
+                None if io_source(pg) => return Trouble::Connection,
+                None => return Trouble::Other,
             }
         }
         if cause.downcast_ref::<std::io::Error>().is_some() {
@@ -81,6 +82,18 @@ pub fn trouble(err: &anyhow::Error) -> Trouble {
         }
     }
     Trouble::Other
+}
+
+/// Whether an error was caused by an I/O error (the socket).
+fn io_source(e: &(dyn std::error::Error + 'static)) -> bool {
+    let mut source = e.source();
+    while let Some(s) = source {
+        if s.is::<std::io::Error>() {
+            return true;
+        }
+        source = s.source();
+    }
+    false
 }
 
 fn classify_sqlstate(code: &SqlState) -> Trouble {
@@ -122,6 +135,28 @@ pub fn exit_status(err: &anyhow::Error) -> ExitStatus {
         return ExitStatus::Unreachable;
     }
     ExitStatus::Unhealthy
+}
+
+/// An error chain on one line, for logs: each cause's first line, the
+/// database's message included (`running a batch: ERROR: deadlock detected`).
+pub fn one_line(err: &anyhow::Error) -> String {
+    let mut parts: Vec<String> = Vec::new();
+    for cause in err.chain() {
+        let text = match cause.downcast_ref::<tokio_postgres::Error>() {
+            Some(pg) => match pg.as_db_error() {
+                Some(db) => format!("{}: {}", db.severity(), db.message()),
+                None => pg.to_string(),
+            },
+            None if cause.is::<tokio_postgres::error::DbError>() => continue,
+            None => cause.to_string(),
+        };
+        let first = text.lines().next().unwrap_or_default().trim().to_string();
+        if first.is_empty() || first == "db error" || parts.iter().any(|p| p.contains(&first)) {
+            continue;
+        }
+        parts.push(first);
+    }
+    parts.join(": ")
 }
 
 /// Renders an error chain for a person: each cause once, database errors whole.
@@ -197,6 +232,12 @@ mod tests {
             classify_sqlstate(&SqlState::UNIQUE_VIOLATION),
             Trouble::Other
         );
+    }
+
+    #[test]
+    fn one_line_keeps_every_cause() {
+        let e = anyhow::anyhow!("deadlock detected\n  detail: …").context("running a batch");
+        assert_eq!(one_line(&e), "running a batch: deadlock detected");
     }
 
     #[test]

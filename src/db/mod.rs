@@ -1,5 +1,5 @@
 //! Connecting to PostgreSQL: `postgres://` URLs and key=value strings, TLS
-//! (see [`tls`]), bounded failure on dead networks, typed row access that
+//! (see `tls.rs`), bounded failure on dead networks, typed row access that
 //! never panics, and database errors rendered whole.
 //!
 //! Bounded failure: every connection gets a connect timeout, TCP keepalives
@@ -77,9 +77,9 @@ impl Liveness {
     }
 
     /// How long a heartbeat or a short query may take before the database
-    /// counts as lost.
+    /// counts as lost (whole milliseconds, so it reads well in messages).
     pub fn answer_within(&self) -> Duration {
-        (self.session / 3).max(Duration::from_secs(1))
+        Duration::from_millis((self.session / 3).max(Duration::from_secs(1)).as_millis() as u64)
     }
 
     fn keepalive_idle(&self) -> Duration {
@@ -111,6 +111,14 @@ pub enum Session {
 }
 
 const CONNECT_TIMEOUT: Duration = Duration::from_secs(10);
+
+/// A connection's driver: it must be polled (spawned) for the client to work.
+type Connection = tokio_postgres::Connection<
+    tokio_postgres::Socket,
+    <tokio_postgres_rustls::MakeRustlsConnect as tokio_postgres::tls::MakeTlsConnect<
+        tokio_postgres::Socket,
+    >>::Stream,
+>;
 const KEEPALIVE_RETRIES: u32 = 3;
 
 /// A parsed database address: what to connect to and how, without a password
@@ -247,14 +255,12 @@ impl Database {
         ))
     }
 
-    /// Opens a connection whose driver task runs in the background, with the
-    /// server-side limits of `session`. Failure to connect is a
-    /// [`Failure::Unreachable`] naming host and port.
-    pub async fn connect(&self, application_name: &str, session: Session) -> Result<Client> {
+    /// Connects (TCP, TLS, the startup handshake) within the connect deadline.
+    async fn open(&self, application_name: &str) -> Result<(Client, Connection)> {
         let config = self.client_config(application_name);
         let tls = tls::connector(self.ssl, self.root_cert.as_deref())?;
         let deadline = self.connect_deadline(&config);
-        let (client, connection) = tokio::time::timeout(deadline, config.connect(tls))
+        let opened = tokio::time::timeout(deadline, config.connect(tls))
             .await
             .map_err(|_| {
                 self.unreachable(format!(
@@ -263,6 +269,14 @@ impl Database {
                 ))
             })?
             .map_err(|e| self.unreachable(describe_connect_error(&e)))?;
+        Ok(opened)
+    }
+
+    /// Opens a connection whose driver task runs in the background, with the
+    /// server-side limits of `session`. Failure to connect is a
+    /// [`Failure::Unreachable`] naming host and port.
+    pub async fn connect(&self, application_name: &str, session: Session) -> Result<Client> {
+        let (client, connection) = self.open(application_name).await?;
         tokio::spawn(async move {
             if let Err(e) = connection.await {
                 tracing::debug!("connection closed: {e}");
@@ -280,18 +294,7 @@ impl Database {
         Client,
         tokio::sync::mpsc::UnboundedReceiver<tokio_postgres::Notification>,
     )> {
-        let config = self.client_config(application_name);
-        let tls = tls::connector(self.ssl, self.root_cert.as_deref())?;
-        let deadline = self.connect_deadline(&config);
-        let (client, mut connection) = tokio::time::timeout(deadline, config.connect(tls))
-            .await
-            .map_err(|_| {
-                self.unreachable(format!(
-                    "no answer within {}",
-                    humantime::format_duration(deadline)
-                ))
-            })?
-            .map_err(|e| self.unreachable(describe_connect_error(&e)))?;
+        let (client, mut connection) = self.open(application_name).await?;
         let (tx, rx) = tokio::sync::mpsc::unbounded_channel();
         tokio::spawn(async move {
             let mut messages = futures_util::stream::poll_fn(move |cx| connection.poll_message(cx));
@@ -548,6 +551,36 @@ fn split_options(conn: &str) -> Result<Options> {
         root_cert: root,
         keys,
     })
+}
+
+/// A manifest problem from a database error: underlined with the database's
+/// message, its detail and hint as the help (`default_help` when it has none).
+pub fn problem(
+    span: crate::manifest::Span,
+    message: String,
+    e: &tokio_postgres::Error,
+    default_help: Option<&str>,
+) -> crate::manifest::Problem {
+    let (label, help) = match e.as_db_error() {
+        Some(db) => (
+            db.message().to_string(),
+            [
+                db.detail().map(|d| format!("detail: {d}")),
+                db.hint().map(|h| format!("hint: {h}")),
+            ]
+            .into_iter()
+            .flatten()
+            .collect::<Vec<_>>()
+            .join("\n"),
+        ),
+        None => (e.to_string(), String::new()),
+    };
+    let p = crate::manifest::Problem::new(span, message, label);
+    match (help.is_empty(), default_help) {
+        (false, _) => p.help(help),
+        (true, Some(h)) => p.help(h),
+        (true, None) => p,
+    }
 }
 
 /// A database error, whole: severity, message, detail, hint, position, context.

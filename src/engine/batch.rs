@@ -156,7 +156,7 @@ impl Player<'_> {
                     tracing::warn!(
                         "projector `{}`: {}; trying the batch again in {} (attempt {attempt} of {attempts})",
                         self.projector.name,
-                        crate::error::render(&e).lines().next().unwrap_or_default(),
+                        crate::error::one_line(&e),
                         humantime::format_duration(wait)
                     );
                     tokio::time::sleep(wait).await;

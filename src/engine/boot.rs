@@ -158,7 +158,7 @@ pub async fn boot(ctx: &Context, opts: BootOptions, progress: &Progress) -> Resu
         ctx.projector(name)?;
     }
     ctx.locks
-        .lock(&control, LockKey::Boot, opts.lock_timeout)
+        .lock(&ctx.database, &control, LockKey::Boot, opts.lock_timeout)
         .await?;
 
     let rows: HashMap<String, LedgerRow> = ctx
@@ -168,23 +168,21 @@ pub async fn boot(ctx: &Context, opts: BootOptions, progress: &Progress) -> Resu
         .into_iter()
         .map(|r| (r.name.clone(), r))
         .collect();
-    let present: Vec<String> = ctx
-        .manifest
-        .projectors
-        .iter()
-        .map(|p| p.name.clone())
-        .collect();
-    ctx.ledger.note_missing(&control, &present).await?;
+    ctx.ledger
+        .note_missing(&control, &ctx.manifest.names())
+        .await?;
 
     let plan = select(&ctx.manifest, &opts.names, &rows)?;
-    for s in &plan {
-        if s.action == Action::New
-            && s.projector.mode != Mode::FromNow
-            && !opts.adopt.contains(&s.projector.name)
-        {
-            crate::engine::start::refuse_filled(&control, &s.projector).await?;
-        }
-    }
+    let new: Vec<&Projector> = plan
+        .iter()
+        .filter(|s| {
+            s.action == Action::New
+                && s.projector.mode != Mode::FromNow
+                && !opts.adopt.contains(&s.projector.name)
+        })
+        .map(|s| &s.projector)
+        .collect();
+    crate::engine::start::refuse_filled(&control, &new).await?;
     if plan.is_empty() {
         tracing::info!("nothing to boot: every projector is live or finished");
     }
@@ -401,6 +399,18 @@ struct Booting<'a> {
     started: Instant,
 }
 
+/// Where one projector's boot stands while it plays.
+struct Playing {
+    pos: Position,
+    /// Events handled so far.
+    events: i64,
+    /// Since when committed events have been held back by running transactions.
+    held_since: Option<Instant>,
+    last_hold_note: Instant,
+    /// Why it stopped short of the head, if it did.
+    held_back: Option<String>,
+}
+
 /// Where a projector's play to the head ended.
 enum Ended {
     State(State),
@@ -426,6 +436,7 @@ impl Booting<'_> {
         let mut client = ctx.connect("boot", Session::Holder).await?;
         ctx.locks
             .lock(
+                &ctx.database,
                 &client,
                 LockKey::Projector(&self.p.name),
                 self.shared.opts.lock_timeout,
@@ -436,11 +447,15 @@ impl Booting<'_> {
         }
         let start = self.prepare(&mut client).await?;
         self.publish(start);
-        let mut events = 0;
-        let mut held_back = None;
-        let end = self
-            .play_to_head(&mut client, start, &mut events, &mut held_back)
-            .await?;
+        let mut progress = Playing {
+            pos: start,
+            events: 0,
+            held_since: None,
+            last_hold_note: Instant::now(),
+            held_back: None,
+        };
+        let end = self.play_to_head(&mut client, &mut progress).await?;
+        let events = progress.events;
         match end {
             Ended::Broken(kept, failure) => {
                 self.bar.finish("broken");
@@ -457,7 +472,7 @@ impl Booting<'_> {
                     .ok();
                 let position = *self.shared.positions[&self.p.name].borrow();
                 let mut outcome = self.outcome(state, position.0, events);
-                outcome.held_back = held_back;
+                outcome.held_back = progress.held_back;
                 self.bar.finish(state.as_str());
                 Ok(match state {
                     State::Stalled => TaskEnd::Stalled(outcome),
@@ -523,13 +538,7 @@ impl Booting<'_> {
     }
 
     /// Plays batches until the head (or what holds it back), a failure, or an abort.
-    async fn play_to_head(
-        &self,
-        client: &mut Client,
-        start: Position,
-        events: &mut i64,
-        held_back: &mut Option<String>,
-    ) -> Result<Ended> {
+    async fn play_to_head(&self, client: &mut Client, progress: &mut Playing) -> Result<Ended> {
         let ctx = self.ctx;
         let shared = self.shared;
         let shape = &shared.shape;
@@ -551,110 +560,141 @@ impl Booting<'_> {
             lock_each_batch: false,
         };
         let mut reader = Reader::knowing_holes(ctx.ledger.known_holes_sql());
-        let mut pos = start;
-        let mut held_since: Option<Instant> = None;
-        let mut last_hold_note = Instant::now();
         let mut target = Target::default();
-        self.bar.set_position(pos.id);
+        self.bar.set_position(progress.pos.id);
         let end = loop {
             if shared.abort.is_cancelled() {
                 break Ended::State(State::Stalled);
             }
-            target.refresh(shape, &*client, pos, self.bar).await?;
+            target
+                .refresh(shape, &*client, progress.pos, self.bar)
+                .await?;
             let (bound, waiting_on) = self.dependency_bound(client).await?;
             let plan = reader
-                .plan(shape, &*client, pos, bound, shared.opts.batch_size)
+                .plan(shape, &*client, progress.pos, bound, shared.opts.batch_size)
                 .await?;
-            match plan {
+            let ended = match plan {
                 Plan::Batch { end, holes } => {
-                    held_since = None;
+                    progress.held_since = None;
                     let range = Range {
-                        from: pos,
+                        from: progress.pos,
                         to: end,
                         holes,
                     };
-                    match player
+                    let batch = player
                         .batch_retrying(client, &mut runner, range, OnFailure::Break, 5)
-                        .await?
-                    {
-                        Batch::Done { handled } => {
-                            *events += handled;
-                            pos = end;
-                            self.publish(pos);
-                            self.bar.set_position(pos.id);
-                        }
-                        Batch::Failed {
-                            kept,
-                            handled,
-                            failure,
-                        } => {
-                            *events += handled;
-                            self.publish(kept);
-                            self.bar.set_position(kept.id);
-                            break Ended::Broken(kept, failure);
-                        }
-                        Batch::Locked => unreachable!("boot holds the projector's lock"),
-                        Batch::Stale(why) => anyhow::bail!(
-                            "projector `{}` changed under this boot: {why}",
-                            self.p.name
-                        ),
+                        .await?;
+                    self.after_batch(batch, end, progress)?
+                }
+                Plan::CaughtUp => match waiting_on {
+                    Some(dep) => {
+                        self.wait_for(&dep, client).await?;
+                        None
                     }
-                }
-                Plan::CaughtUp if waiting_on.is_some() => {
-                    // Caught up with a projector of this boot that is still playing: wait for it.
-                    let dep = waiting_on.unwrap_or_default();
-                    let mut rx = shared.positions[&dep].subscribe();
-                    tokio::select! {
-                        _ = rx.changed() => {}
-                        _ = shared.abort.cancelled() => {}
-                        _ = tokio::time::sleep(ctx.database.liveness().heartbeat()) => {
-                            ctx.database.heartbeat(&*client).await?;
-                        }
-                    }
-                }
-                Plan::CaughtUp => {
-                    break Ended::State(self.done_state());
-                }
-                Plan::Held { visible, by } => {
-                    let since = *held_since.get_or_insert_with(Instant::now);
-                    let holders = by
-                        .iter()
-                        .map(|h| h.to_string())
-                        .collect::<Vec<_>>()
-                        .join("; ");
-                    if since.elapsed() < shared.opts.writer_wait {
-                        if last_hold_note.elapsed() >= Duration::from_secs(10) {
-                            tracing::warn!(
-                                "projector `{}` waits at {pos}: events up to {visible} are committed behind running transactions ({holders})",
-                                self.p.name
-                            );
-                            last_hold_note = Instant::now();
-                        }
-                        tokio::time::sleep(Duration::from_millis(50)).await;
-                        continue;
-                    }
-                    // A once projector is never played again: it must not finish short of the head.
-                    let note = format!(
-                        "projector `{}` stopped at {pos}: running transactions ({holders}) still hold committed events from {visible} on back; {}",
-                        self.p.name,
-                        if self.p.mode == Mode::Once {
-                            "it stays booting and the next boot finishes it"
-                        } else {
-                            "play will project them"
-                        }
-                    );
-                    tracing::warn!("{note}");
-                    *held_back = Some(note);
-                    break Ended::State(if self.p.mode == Mode::Once {
-                        State::Booting
-                    } else {
-                        State::Live
-                    });
-                }
+                    None => Some(Ended::State(self.done_state())),
+                },
+                Plan::Held { visible, by } => self.held(progress, visible, &by).await,
+            };
+            if let Some(ended) = ended {
+                break ended;
             }
         };
         runner.finish().await;
         Ok(end)
+    }
+
+    /// Takes a batch's outcome; `Some` when the projector broke.
+    fn after_batch(
+        &self,
+        batch: Batch,
+        end: Position,
+        progress: &mut Playing,
+    ) -> Result<Option<Ended>> {
+        match batch {
+            Batch::Done { handled } => {
+                progress.events += handled;
+                progress.pos = end;
+                self.publish(end);
+                self.bar.set_position(end.id);
+                Ok(None)
+            }
+            Batch::Failed {
+                kept,
+                handled,
+                failure,
+            } => {
+                progress.events += handled;
+                self.publish(kept);
+                self.bar.set_position(kept.id);
+                Ok(Some(Ended::Broken(kept, failure)))
+            }
+            Batch::Locked => anyhow::bail!(
+                "projector `{}` was locked by another run although this boot holds its lock",
+                self.p.name
+            ),
+            Batch::Stale(why) => {
+                anyhow::bail!("projector `{}` changed under this boot: {why}", self.p.name)
+            }
+        }
+    }
+
+    /// Caught up with a projector of this boot that is still playing: waits
+    /// for it to move (heartbeating this session meanwhile).
+    async fn wait_for(&self, dep: &str, client: &Client) -> Result<()> {
+        let mut rx = self.shared.positions[dep].subscribe();
+        let database = &self.ctx.database;
+        tokio::select! {
+            _ = rx.changed() => {}
+            _ = self.shared.abort.cancelled() => {}
+            _ = tokio::time::sleep(database.liveness().heartbeat()) => database.heartbeat(client).await?,
+        }
+        Ok(())
+    }
+
+    /// Committed events are held back by running transactions: waits up to
+    /// `--writer-wait`, then ends (a once projector stays booting: it must not
+    /// finish short of the head).
+    async fn held(
+        &self,
+        progress: &mut Playing,
+        visible: Position,
+        by: &[crate::store::Holder],
+    ) -> Option<Ended> {
+        let since = *progress.held_since.get_or_insert_with(Instant::now);
+        let holders = by
+            .iter()
+            .map(|h| h.to_string())
+            .collect::<Vec<_>>()
+            .join("; ");
+        let pos = progress.pos;
+        if since.elapsed() < self.shared.opts.writer_wait {
+            if progress.last_hold_note.elapsed() >= Duration::from_secs(10) {
+                tracing::warn!(
+                    "projector `{}` waits at {pos}: events up to {visible} are committed behind running transactions ({holders})",
+                    self.p.name
+                );
+                progress.last_hold_note = Instant::now();
+            }
+            tokio::time::sleep(Duration::from_millis(50)).await;
+            return None;
+        }
+        let once = self.p.mode == Mode::Once;
+        let note = format!(
+            "projector `{}` stopped at {pos}: running transactions ({holders}) still hold committed events from {visible} on back; {}",
+            self.p.name,
+            if once {
+                "it stays booting and the next boot finishes it"
+            } else {
+                "play will project them"
+            }
+        );
+        tracing::warn!("{note}");
+        progress.held_back = Some(note);
+        Some(Ended::State(if once {
+            State::Booting
+        } else {
+            State::Live
+        }))
     }
 
     fn done_state(&self) -> State {

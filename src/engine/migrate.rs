@@ -32,7 +32,9 @@ pub async fn migrate(
         .connect(&application_name("migrate"), Session::Holder)
         .await?;
     let locks = Locks::new(ledger.schema());
-    locks.lock(&client, LockKey::Migrate, lock_timeout).await?;
+    locks
+        .lock(database, &client, LockKey::Migrate, lock_timeout)
+        .await?;
     let result = apply(&mut client, ledger, project).await;
     locks.unlock(&client, LockKey::Migrate).await.ok();
     result
@@ -54,7 +56,7 @@ async fn apply(
         .set_migration_table_name(&history)
         .run_async(client)
         .await
-        .map_err(|e| anyhow::anyhow!("{}", refinery_error(&e)))
+        .map_err(|e| anyhow::anyhow!("{}", crate::error::render(&anyhow::Error::new(e))))
         .context("applying the ledger's migrations")?;
     for m in report.applied_migrations() {
         applied.push(Applied {
@@ -67,7 +69,7 @@ async fn apply(
         let report = refinery::Runner::new(&project)
             .run_async(client)
             .await
-            .map_err(|e| anyhow::anyhow!("{}", refinery_error(&e)))
+            .map_err(|e| anyhow::anyhow!("{}", crate::error::render(&anyhow::Error::new(e))))
             .context("applying the project's migrations")?;
         for m in report.applied_migrations() {
             applied.push(Applied {
@@ -113,26 +115,6 @@ async fn repair(client: &mut tokio_postgres::Client, ledger: &Ledger) -> Result<
         .context("forgetting the ledger's migration history")?;
     tx.commit().await.context("repairing the ledger")?;
     Ok(())
-}
-
-/// refinery wraps the driver's error; show the database's message whole.
-fn refinery_error(e: &refinery::Error) -> String {
-    let mut text = e.to_string();
-    let mut source = std::error::Error::source(e);
-    while let Some(s) = source {
-        let piece = match s.downcast_ref::<tokio_postgres::Error>() {
-            Some(pg) => match pg.as_db_error() {
-                Some(db) => crate::db::describe_db_error(db),
-                None => pg.to_string(),
-            },
-            None => s.to_string(),
-        };
-        if piece != "db error" && !text.contains(&piece) {
-            text.push_str(&format!("\n  {}", piece.replace('\n', "\n  ")));
-        }
-        source = s.source();
-    }
-    text
 }
 
 /// Reads `V{n}__name.sql` files; anything else ending in `.sql` is an error.

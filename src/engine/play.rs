@@ -99,61 +99,19 @@ pub async fn play(
         late_checked: None,
     };
     let mut control = Some(control);
-    let mut backoff = Duration::from_millis(500);
     metrics.set_up(true);
     while !shutdown.is_cancelled() {
-        let client = match control.take() {
-            Some(c) if !c.is_closed() => c,
-            _ => match ctx.connect("play", Session::Reader).await {
-                Ok(c) => {
-                    backoff = Duration::from_millis(500);
-                    c
-                }
-                Err(e) => {
-                    tracing::warn!(
-                        "cannot reach the database, trying again in {}: {}",
-                        humantime::format_duration(backoff),
-                        crate::error::render(&e).lines().next().unwrap_or_default()
-                    );
-                    metrics.set_up(false);
-                    tokio::select! {
-                        _ = tokio::time::sleep(backoff) => {}
-                        _ = shutdown.cancelled() => break,
-                    }
-                    backoff = (backoff * 2).min(MAX_BACKOFF);
-                    continue;
-                }
-            },
+        let Some(client) = supervisor.reconnect(control.take()).await else {
+            break;
         };
-        metrics.set_up(true);
-        let pass = ctx.database.within(supervisor.pass(&client)).await;
-        match pass.and_then(|r| r) {
-            Ok(()) => control = Some(client),
-            Err(e) if trouble(&e) == Trouble::Connection => {
-                // Silent or gone: whatever the runners hold may be gone too.
-                tracing::warn!(
-                    "lost the database: {}; reconnecting and taking the projectors again",
-                    crate::error::render(&e).lines().next().unwrap_or_default()
-                );
-                metrics.set_up(false);
-                supervisor.abort_workers();
-            }
-            Err(e) => {
-                tracing::warn!("play: {}", crate::error::render(&e));
-                control = Some(client);
-            }
-        }
-        metrics.set_owned(supervisor.workers.len());
+        control = supervisor.tick(client).await?;
         // Supervision runs every poll; new events wake the workers, not this loop.
         tokio::select! {
             _ = tokio::time::sleep(opts.poll) => {}
             _ = shutdown.cancelled() => {}
         }
     }
-    // Shutdown: the workers finish their batch in flight and release their projectors.
-    for (_, handle) in supervisor.workers.drain() {
-        let _ = handle.await;
-    }
+    supervisor.stop().await;
     if let Some(l) = listener {
         l.abort();
     }
@@ -173,18 +131,25 @@ async fn start(
     loop {
         let attempt = async {
             let mut control = ctx.connect("play", Session::Reader).await?;
-            ctx.ledger.ensure_exists(&control).await?;
-            let shape = crate::engine::validate::validate(&ctx.manifest, &mut control).await?;
+            let checks = async {
+                ctx.ledger.ensure_exists(&control).await?;
+                crate::engine::validate::validate(&ctx.manifest, &mut control).await
+            };
+            let shape = ctx.database.within(checks).await??;
             Ok::<_, anyhow::Error>((control, shape))
         };
-        match attempt.await {
+        let attempt = tokio::select! {
+            attempt = attempt => attempt,
+            _ = shutdown.cancelled() => return Ok(None),
+        };
+        match attempt {
             Ok(started) => return Ok(Some(started)),
             Err(e) if trouble(&e) == Trouble::Connection => {
                 metrics.set_up(false);
                 tracing::warn!(
                     "cannot reach the database yet, trying again in {}: {}",
                     humantime::format_duration(backoff),
-                    crate::error::render(&e).lines().next().unwrap_or_default()
+                    crate::error::one_line(&e)
                 );
                 tokio::select! {
                     _ = tokio::time::sleep(backoff) => {}
@@ -212,6 +177,85 @@ struct Supervisor<'a> {
 }
 
 impl Supervisor<'_> {
+    /// The control connection: `client` if it is still open, else a new one,
+    /// waiting with backoff for a database that cannot be reached (`None`:
+    /// shut down while waiting).
+    async fn reconnect(&mut self, client: Option<Client>) -> Option<Client> {
+        if let Some(c) = client.filter(|c| !c.is_closed()) {
+            return Some(c);
+        }
+        let mut backoff = Duration::from_millis(500);
+        loop {
+            let connected = tokio::select! {
+                c = self.ctx.connect("play", Session::Reader) => c,
+                _ = self.shutdown.cancelled() => return None,
+            };
+            match connected {
+                Ok(c) => return Some(c),
+                Err(e) => {
+                    tracing::warn!(
+                        "cannot reach the database, trying again in {}: {}",
+                        humantime::format_duration(backoff),
+                        crate::error::one_line(&e)
+                    );
+                    self.metrics.set_up(false);
+                    tokio::select! {
+                        _ = tokio::time::sleep(backoff) => {}
+                        _ = self.shutdown.cancelled() => return None,
+                    }
+                    backoff = (backoff * 2).min(MAX_BACKOFF);
+                }
+            }
+        }
+    }
+
+    /// One supervision pass on `client`, bounded by the liveness budget;
+    /// returns the connection to use next (`None`: reconnect).
+    async fn tick(&mut self, client: Client) -> Result<Option<Client>> {
+        self.metrics.set_up(true);
+        let pass = self.ctx.database.within(self.pass(&client)).await;
+        let next = match pass.and_then(|r| r) {
+            Ok(()) => Some(client),
+            Err(e) if trouble(&e) == Trouble::Connection => {
+                // Silent or gone: whatever the runners hold may be gone too.
+                tracing::warn!(
+                    "{}; reconnecting and taking the projectors again",
+                    crate::error::one_line(&e)
+                );
+                self.metrics.set_up(false);
+                self.abort_workers();
+                None
+            }
+            // The ledger or the store no longer fits (altered by hand): nothing to play safely.
+            Err(e) if crate::error::exit_status(&e) == crate::error::ExitStatus::Usage => {
+                self.abort_workers();
+                return Err(e);
+            }
+            Err(e) => {
+                tracing::warn!("play: {}", crate::error::render(&e));
+                Some(client)
+            }
+        };
+        self.metrics.set_owned(self.workers.len());
+        Ok(next)
+    }
+
+    /// Shutdown: the workers finish their batch in flight and release their
+    /// projectors; a batch that does not finish within the session timeout (a
+    /// frozen network) is given up: the server rolls it back.
+    async fn stop(&mut self) {
+        let limit = self.ctx.database.liveness().session;
+        for (name, mut handle) in self.workers.drain() {
+            if tokio::time::timeout(limit, &mut handle).await.is_err() {
+                handle.abort();
+                tracing::warn!(
+                    "projector `{name}`: its batch in flight did not finish within {}; given up (the server rolls it back)",
+                    humantime::format_duration(limit)
+                );
+            }
+        }
+    }
+
     /// One pass: the ledger read again (projectors booted by a later deploy
     /// are picked up), orphans noted, metrics updated, late events looked
     /// for now and then, free live projectors taken.
@@ -219,13 +263,9 @@ impl Supervisor<'_> {
         let ctx = self.ctx;
         self.workers.retain(|_, h| !h.is_finished());
         let rows = ctx.ledger.rows(client).await?;
-        let present: Vec<String> = ctx
-            .manifest
-            .projectors
-            .iter()
-            .map(|p| p.name.clone())
-            .collect();
-        ctx.ledger.note_missing(client, &present).await?;
+        ctx.ledger
+            .note_missing(client, &ctx.manifest.names())
+            .await?;
         let head = self.shape.visible_head(client).await?;
         self.metrics.observe(
             &rows,
@@ -412,7 +452,7 @@ impl Worker {
                 Err(e) if trouble(&e) == Trouble::Transient => {
                     tracing::warn!(
                         "projector `{name}`: {}; trying again in {} (not a handler failure)",
-                        crate::error::render(&e).lines().next().unwrap_or_default(),
+                        crate::error::one_line(&e),
                         humantime::format_duration(transient)
                     );
                     let wait = transient;

@@ -92,7 +92,9 @@ async fn reset_one(
     let p = ctx.projector(name)?;
     let mut client = ctx.connect("reset", Session::Holder).await?;
     let key = LockKey::Projector(name);
-    ctx.locks.lock(&client, key, opts.boot.lock_timeout).await?;
+    ctx.locks
+        .lock(&ctx.database, &client, key, opts.boot.lock_timeout)
+        .await?;
     let start =
         crate::engine::start::rebuild_in_place(ctx, shape, &mut client, p, opts.boot.writer_wait)
             .await?;

@@ -89,24 +89,48 @@ pub async fn filled_tables(client: &impl GenericClient, p: &Projector) -> Result
     Ok(filled)
 }
 
-/// Refuses to boot a never-booted projector on top of tables that already
-/// hold rows (its ledger row was lost, or the tables belong to something
-/// else): replaying on top of them would apply every event twice.
-pub async fn refuse_filled(client: &impl GenericClient, p: &Projector) -> Result<()> {
-    let filled = filled_tables(client, p).await?;
-    if filled.is_empty() {
+/// Refuses to boot never-booted projectors on top of tables that already
+/// hold rows (their ledger rows were lost, or the tables belong to something
+/// else): replaying on top of them would apply every event twice. Names
+/// every such projector at once.
+pub async fn refuse_filled(client: &impl GenericClient, projectors: &[&Projector]) -> Result<()> {
+    let mut refused = Vec::new();
+    for p in projectors {
+        let filled = filled_tables(client, p).await?;
+        if !filled.is_empty() {
+            refused.push(format!(
+                "`{}` (table{} {})",
+                p.name,
+                if filled.len() == 1 { "" } else { "s" },
+                filled
+                    .iter()
+                    .map(|t| format!("`{t}`"))
+                    .collect::<Vec<_>>()
+                    .join(", ")
+            ));
+        }
+    }
+    if refused.is_empty() {
         return Ok(());
     }
+    let names: Vec<&str> = projectors
+        .iter()
+        .filter(|p| {
+            refused
+                .iter()
+                .any(|r| r.starts_with(&format!("`{}`", p.name)))
+        })
+        .map(|p| p.name.as_str())
+        .collect();
     Err(Failure::Usage(format!(
-        "projector `{name}` has never been booted (no ledger row), but its table{s} {tables} already hold{s2} rows: \
-         its ledger row was lost, or the tables belong to something else\n  \
-         boot refuses to replay it on top of them. Rebuild it from scratch with `projectionist reset {name}`, \
-         or, if its handlers are idempotent and the rows are right, adopt them deliberately with \
-         `projectionist boot --adopt {name}` (it replays every event over the rows)",
-        name = p.name,
-        s = if filled.len() == 1 { "" } else { "s" },
-        s2 = if filled.len() == 1 { "s" } else { "" },
-        tables = filled.iter().map(|t| format!("`{t}`")).collect::<Vec<_>>().join(", "),
+        "never booted (no ledger row), but their tables already hold rows: {}\n  \
+         their ledger rows were lost, or the tables belong to something else: boot refuses to replay \
+         on top of them, and changed nothing. Rebuild them from scratch with `projectionist reset {} --yes`, \
+         or, if their handlers are idempotent and the rows are right, adopt the rows deliberately with \
+         `projectionist boot {}` (every event is replayed over them)",
+        refused.join(", "),
+        names.join(" "),
+        names.iter().map(|n| format!("--adopt {n}")).collect::<Vec<_>>().join(" "),
     ))
     .into())
 }

@@ -4,11 +4,11 @@
 //! once, each pointing at its place in the manifest.
 
 use anyhow::Result;
-use tokio_postgres::Client;
+use tokio_postgres::{Client, Transaction};
 
-use crate::db::quote_qualified;
+use crate::db::{RowExt, quote_qualified};
 use crate::handlers::sql::{self, CompiledProjector};
-use crate::manifest::{Manifest, Problem};
+use crate::manifest::{Manifest, Problem, Projector};
 use crate::store::StoreShape;
 
 /// Checks `manifest` against the database; on success returns the store's shape.
@@ -23,11 +23,37 @@ pub async fn validate(manifest: &Manifest, client: &mut Client) -> Result<StoreS
         }
     };
     let tx = client.transaction().await?;
+    let mut checker = Checker { tx: &tx, problems };
     for p in &manifest.projectors {
+        checker.command(p, manifest.dir());
+        checker.tables(p).await?;
+        checker.handlers(p).await?;
+        checker.checks(p).await?;
+        if let Some(shape) = &shape {
+            checker.compiles(shape, p).await?;
+        }
+    }
+    let problems = checker.problems;
+    tx.rollback().await?;
+    match shape {
+        Some(shape) if problems.is_empty() => Ok(shape),
+        _ => Err(manifest.error(problems).into()),
+    }
+}
+
+/// The checks of each projector, inside the transaction that is rolled back.
+struct Checker<'a> {
+    tx: &'a Transaction<'a>,
+    problems: Vec<Problem>,
+}
+
+impl Checker<'_> {
+    /// A command projector's program can be found.
+    fn command(&mut self, p: &Projector, dir: &std::path::Path) {
         if let Some(argv) = &p.command
-            && !command_exists(&argv[0], manifest.dir())
+            && !command_exists(&argv[0], dir)
         {
-            problems.push(
+            self.problems.push(
                 Problem::new(
                     p.span.clone(),
                     format!("the command of projector `{}` cannot be found: `{}`", p.name, argv[0]),
@@ -36,16 +62,21 @@ pub async fn validate(manifest: &Manifest, client: &mut Client) -> Result<StoreS
                 .help("commands run in the manifest's directory without a shell: give a program on PATH or a path to an executable"),
             );
         }
+    }
+
+    /// Every owned table exists.
+    async fn tables(&mut self, p: &Projector) -> Result<()> {
         for table in &p.tables {
-            let exists: bool = tx
+            let exists: bool = self
+                .tx
                 .query_one(
                     "SELECT to_regclass($1) IS NOT NULL",
                     &[&quote_qualified(table)],
                 )
                 .await?
-                .get(0);
+                .col(0)?;
             if !exists {
-                problems.push(
+                self.problems.push(
                     Problem::new(
                         p.span.clone(),
                         format!("projector `{}` owns table `{table}`, which does not exist", p.name),
@@ -55,29 +86,31 @@ pub async fn validate(manifest: &Manifest, client: &mut Client) -> Result<StoreS
                 );
             }
         }
+        Ok(())
+    }
+
+    /// Every handler statement prepares (with typed parameters).
+    async fn handlers(&mut self, p: &Projector) -> Result<()> {
         for h in &p.handlers {
             for statement in &h.statements {
-                tx.batch_execute("SAVEPOINT projectionist_validate").await?;
-                match sql::prepare(tx.client(), statement).await {
-                    Ok(()) => {
-                        tx.batch_execute("RELEASE SAVEPOINT projectionist_validate")
-                            .await?
-                    }
-                    Err(e) => {
-                        tx.batch_execute("ROLLBACK TO SAVEPOINT projectionist_validate")
-                            .await?;
-                        problems.push(db_problem(
-                            h.span.clone(),
-                            format!(
-                                "the handler of projector `{}` for {} does not prepare",
-                                p.name, h.event_type
-                            ),
-                            &e,
-                        ));
-                    }
+                let sql = statement.render(&sql::Parameters);
+                if let Err(e) = self.prepares(&sql, &sql::PARAMETER_TYPES).await? {
+                    self.problems.push(db_problem(
+                        h.span.clone(),
+                        format!(
+                            "the handler of projector `{}` for {} does not prepare",
+                            p.name, h.event_type
+                        ),
+                        &e,
+                    ));
                 }
             }
         }
+        Ok(())
+    }
+
+    /// Both queries of every check prepare (`:position` and `:transaction` filled in).
+    async fn checks(&mut self, p: &Projector) -> Result<()> {
         for c in &p.checks {
             for (which, query) in [("projection", &c.projection), ("events", &c.events)] {
                 let query = crate::manifest::sql_text::substitute(
@@ -87,56 +120,73 @@ pub async fn validate(manifest: &Manifest, client: &mut Client) -> Result<StoreS
                         ("transaction", "NULL::xid8".into()),
                     ],
                 );
-                tx.batch_execute("SAVEPOINT projectionist_validate").await?;
-                match tx.prepare(&query).await {
-                    Ok(_) => {
-                        tx.batch_execute("RELEASE SAVEPOINT projectionist_validate")
-                            .await?
-                    }
-                    Err(e) => {
-                        tx.batch_execute("ROLLBACK TO SAVEPOINT projectionist_validate")
-                            .await?;
-                        problems.push(db_problem(
-                            c.span.clone(),
-                            format!("the `{which}` query of check \"{}\" of projector `{}` does not prepare", c.name, p.name),
-                            &e,
-                        ));
-                    }
+                if let Err(e) = self.prepares(&query, &[]).await? {
+                    self.problems.push(db_problem(
+                        c.span.clone(),
+                        format!(
+                            "the `{which}` query of check \"{}\" of projector `{}` does not prepare",
+                            c.name, p.name
+                        ),
+                        &e,
+                    ));
                 }
             }
         }
-        if let Some(shape) = &shape
-            && !p.handlers.is_empty()
-        {
-            tx.batch_execute("SAVEPOINT projectionist_validate").await?;
-            match CompiledProjector::compile(shape, p).install(&tx).await {
-                Ok(()) => {
-                    tx.batch_execute("RELEASE SAVEPOINT projectionist_validate")
-                        .await?
-                }
-                Err(e) => {
-                    tx.batch_execute("ROLLBACK TO SAVEPOINT projectionist_validate")
-                        .await?;
-                    let text = crate::error::render(&e);
-                    problems.push(
-                        Problem::new(
-                            p.span.clone(),
-                            format!(
-                                "the handlers of projector `{}` do not compile as PL/pgSQL",
-                                p.name
-                            ),
-                            text.lines().nth(1).unwrap_or("").trim().to_string(),
-                        )
-                        .help(text),
-                    );
-                }
-            }
-        }
+        Ok(())
     }
-    tx.rollback().await?;
-    match shape {
-        Some(shape) if problems.is_empty() => Ok(shape),
-        _ => Err(manifest.error(problems).into()),
+
+    /// The handlers compile into the batch function.
+    async fn compiles(&mut self, shape: &StoreShape, p: &Projector) -> Result<()> {
+        if p.handlers.is_empty() {
+            return Ok(());
+        }
+        self.tx
+            .batch_execute("SAVEPOINT projectionist_validate")
+            .await?;
+        match CompiledProjector::compile(shape, p).install(self.tx).await {
+            Ok(()) => {
+                self.tx
+                    .batch_execute("RELEASE SAVEPOINT projectionist_validate")
+                    .await?
+            }
+            Err(e) => {
+                self.tx
+                    .batch_execute("ROLLBACK TO SAVEPOINT projectionist_validate")
+                    .await?;
+                let text = crate::error::render(&e);
+                self.problems.push(
+                    Problem::new(
+                        p.span.clone(),
+                        format!(
+                            "the handlers of projector `{}` do not compile as PL/pgSQL",
+                            p.name
+                        ),
+                        text.lines().nth(1).unwrap_or("").trim().to_string(),
+                    )
+                    .help(text),
+                );
+            }
+        }
+        Ok(())
+    }
+
+    /// Prepares `sql` inside a savepoint; the inner result is the statement's own error.
+    async fn prepares(
+        &self,
+        sql: &str,
+        types: &[tokio_postgres::types::Type],
+    ) -> Result<Result<(), tokio_postgres::Error>> {
+        self.tx
+            .batch_execute("SAVEPOINT projectionist_validate")
+            .await?;
+        let prepared = self.tx.prepare_typed(sql, types).await.map(|_| ());
+        let end = if prepared.is_ok() {
+            "RELEASE SAVEPOINT projectionist_validate"
+        } else {
+            "ROLLBACK TO SAVEPOINT projectionist_validate"
+        };
+        self.tx.batch_execute(end).await?;
+        Ok(prepared)
     }
 }
 
@@ -161,24 +211,7 @@ pub fn advice(manifest: &Manifest) -> Vec<String> {
 }
 
 fn db_problem(span: crate::manifest::Span, message: String, e: &tokio_postgres::Error) -> Problem {
-    match e.as_db_error() {
-        Some(db) => {
-            let mut help = Vec::new();
-            if let Some(d) = db.detail() {
-                help.push(format!("detail: {d}"));
-            }
-            if let Some(h) = db.hint() {
-                help.push(format!("hint: {h}"));
-            }
-            let p = Problem::new(span, message, db.message().to_string());
-            if help.is_empty() {
-                p
-            } else {
-                p.help(help.join("\n"))
-            }
-        }
-        None => Problem::new(span, message, e.to_string()),
-    }
+    crate::db::problem(span, message, e, None)
 }
 
 /// A program on PATH, or a path (relative to the manifest's directory) to a file.

@@ -16,8 +16,8 @@
 //! the handler's fault: it is raised again, and the caller retries the batch.
 
 use anyhow::{Context, Result};
+use tokio_postgres::GenericClient;
 use tokio_postgres::types::Type;
-use tokio_postgres::{Client, GenericClient};
 
 use crate::db::{RowExt, quote_literal};
 use crate::failure::{HandlerFailure, Origin};
@@ -97,6 +97,10 @@ pub enum BatchOutcome {
     },
 }
 
+/// The PL/pgSQL body of a batch function, with `__TOKEN__`s for the store's
+/// expressions and the handlers.
+const BATCH_FUNCTION: &str = include_str!("batch_function.plpgsql");
+
 /// Where in an event's processing the function failed.
 const STAGE_READING: i32 = 0;
 const STAGE_DECODING: i32 = 1;
@@ -132,74 +136,29 @@ impl CompiledProjector {
             ),
             None => ("jsonb".into(), "NULL::jsonb".into(), "NULL".into()),
         };
-        let body = format!(
-            r#"
-#variable_conflict use_column
-DECLARE
-  projectionist_position bigint;
-  projectionist_type text;
-  projectionist_stream text;
-  projectionist_time timestamptz;
-  projectionist_data jsonb;
-  projectionist_metadata jsonb;
-  projectionist_tx xid8;
-  projectionist_data_raw {data_raw_type};
-  projectionist_metadata_raw {metadata_raw_type};
-  projectionist_stage int := {STAGE_READING};
-BEGIN
-  pj_handled := 0;
-  BEGIN
-    FOR projectionist_position, projectionist_type, projectionist_stream, projectionist_time,
-        projectionist_data_raw, projectionist_metadata_raw, projectionist_tx IN
-      SELECT {pos}::bigint, {ty}, {stream}, {time}, {data_raw}, {metadata_raw}, {tx}
-      FROM {relation} WHERE {range} AND {filter} AND {types} ORDER BY {order}
-    LOOP
-      projectionist_stage := {STAGE_DECODING};
-      projectionist_data := {data};
-      projectionist_metadata := {metadata};
-      projectionist_stage := 2;
-      CASE projectionist_type
-{cases}      ELSE NULL;
-      END CASE;
-      projectionist_stage := {STAGE_READING};
-      pj_handled := pj_handled + 1;
-      pj_last_ok := projectionist_position;
-      pj_last_ok_tx := projectionist_tx::text;
-    END LOOP;
-  EXCEPTION WHEN query_canceled OR others THEN
-    GET STACKED DIAGNOSTICS
-      pj_sqlstate = RETURNED_SQLSTATE,
-      pj_message = MESSAGE_TEXT,
-      pj_detail = PG_EXCEPTION_DETAIL,
-      pj_hint = PG_EXCEPTION_HINT,
-      pj_context = PG_EXCEPTION_CONTEXT;
-    -- Not the handler's fault: the caller retries the batch.
-    IF pj_sqlstate IN ('40P01', '40001')
-       OR (pj_sqlstate = '57014' AND NOT (current_setting('statement_timeout') NOT IN ('0', '')
-           AND clock_timestamp() - statement_timestamp()
-               >= current_setting('statement_timeout')::interval - interval '50 milliseconds')) THEN
-      RAISE;
-    END IF;
-    pj_stage := projectionist_stage;
-    pj_failed_position := projectionist_position;
-    pj_failed_type := projectionist_type;
-    pj_failed_stream := projectionist_stream;
-    pj_failed_tx := projectionist_tx::text;
-  END;
-END
-"#,
-            data_raw_type = store.data.type_name,
-            pos = store.position_expr(),
-            ty = store.type_expr(),
-            stream = store.stream_expr(),
-            time = store.time_expr(),
-            data_raw = store.data.column(),
-            tx = store.tx_expr(),
-            relation = store.relation(),
-            filter = store.filter_expr(),
-            types = store.type_filter(types.as_deref()),
-            order = store.order(),
-            data = store.data.decode("projectionist_data_raw"),
+        let body = fill(
+            BATCH_FUNCTION,
+            &[
+                ("__DATA_RAW_TYPE__", store.data.type_name.clone()),
+                ("__METADATA_RAW_TYPE__", metadata_raw_type),
+                ("__STAGE_READING__", STAGE_READING.to_string()),
+                ("__STAGE_DECODING__", STAGE_DECODING.to_string()),
+                ("__POSITION__", store.position_expr()),
+                ("__TYPE__", store.type_expr()),
+                ("__STREAM__", store.stream_expr()),
+                ("__TIME__", store.time_expr()),
+                ("__DATA_RAW__", store.data.column()),
+                ("__METADATA_RAW__", metadata_raw),
+                ("__TX__", store.tx_expr()),
+                ("__RELATION__", store.relation()),
+                ("__RANGE__", range),
+                ("__FILTER__", store.filter_expr()),
+                ("__TYPES__", store.type_filter(types.as_deref())),
+                ("__ORDER__", store.order()),
+                ("__DATA__", store.data.decode("projectionist_data_raw")),
+                ("__METADATA__", metadata),
+                ("__CASES__", cases),
+            ],
         );
         let mut tag = "$projectionist_body$".to_string();
         while body.contains(&tag) {
@@ -295,6 +254,29 @@ END
     }
 }
 
+/// Fills the `__TOKEN__`s of a template in one pass: the values (the store's
+/// expressions, the handlers' SQL) are never searched for tokens themselves.
+fn fill(template: &str, values: &[(&str, String)]) -> String {
+    let mut out = String::with_capacity(template.len() * 2);
+    let mut rest = template;
+    while let Some(at) = rest.find("__") {
+        out.push_str(&rest[..at]);
+        rest = &rest[at..];
+        match values.iter().find(|(token, _)| rest.starts_with(token)) {
+            Some((token, value)) => {
+                out.push_str(value);
+                rest = &rest[token.len()..];
+            }
+            None => {
+                out.push_str("__");
+                rest = &rest[2..];
+            }
+        }
+    }
+    out.push_str(rest);
+    out
+}
+
 /// A handler statement as PL/pgSQL: a leading SELECT becomes PERFORM (its rows are discarded).
 fn plpgsql_statement(statement: &Statement) -> String {
     let sql = statement.render(&Variables);
@@ -304,13 +286,4 @@ fn plpgsql_statement(statement: &Statement) -> String {
     } else {
         sql
     }
-}
-
-/// Prepares one handler statement with typed parameters (validate): catches
-/// missing tables and columns, type errors and syntax errors.
-pub async fn prepare(client: &Client, statement: &Statement) -> Result<(), tokio_postgres::Error> {
-    client
-        .prepare_typed(&statement.render(&Parameters), &PARAMETER_TYPES)
-        .await
-        .map(|_| ())
 }

@@ -6,7 +6,7 @@ use anyhow::{Context, Result};
 use chrono::{DateTime, Utc};
 use tokio_postgres::{Client, GenericClient};
 
-use crate::db::RowExt;
+use crate::db::{Database, RowExt};
 use crate::error::Failure;
 
 /// Every advisory lock projectionist takes.
@@ -119,18 +119,21 @@ impl Locks {
         Ok(())
     }
 
-    /// Waits for a lock up to `timeout` (`None`: fail at once), saying who holds it.
+    /// Waits for a lock up to `timeout` (`None`: fail at once), saying who
+    /// holds it. Each try must answer within the liveness budget of
+    /// `database`: waiting on a dead network gives up (exit 3), never hangs.
     pub async fn lock(
         &self,
+        database: &Database,
         client: &Client,
         key: LockKey<'_>,
         timeout: Option<std::time::Duration>,
     ) -> Result<()> {
-        if self.try_lock(client, key).await? {
+        if database.within(self.try_lock(client, key)).await?? {
             return Ok(());
         }
         let what = key.what();
-        let holder = self.holder(client, key).await?;
+        let holder = database.within(self.holder(client, key)).await??;
         let who = holder
             .as_ref()
             .map(|h| h.to_string())
@@ -146,7 +149,7 @@ impl Locks {
         let mut last_note = tokio::time::Instant::now();
         loop {
             tokio::time::sleep(std::time::Duration::from_millis(200)).await;
-            if self.try_lock(client, key).await? {
+            if database.within(self.try_lock(client, key)).await?? {
                 return Ok(());
             }
             if tokio::time::Instant::now() >= deadline {

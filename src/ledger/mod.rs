@@ -29,6 +29,29 @@ const MIGRATIONS: &[(&str, &str)] = &[
     ),
 ];
 
+/// The columns of `projectors` projectionist reads and writes, with their types.
+const PROJECTOR_COLUMNS: &[(&str, &str)] = &[
+    ("name", "text"),
+    ("mode", "text"),
+    ("state", "text"),
+    ("position", "bigint"),
+    ("tx", "xid8"),
+    ("event_time", "timestamp with time zone"),
+    ("version", "integer"),
+    ("side_effects", "boolean"),
+    ("tables", "text[]"),
+    ("events_processed", "bigint"),
+    ("error", "text"),
+    ("error_detail", "text"),
+    ("error_hint", "text"),
+    ("error_position", "bigint"),
+    ("error_type", "text"),
+    ("error_stream", "text"),
+    ("error_at", "timestamp with time zone"),
+    ("missing_since", "timestamp with time zone"),
+    ("updated_at", "timestamp with time zone"),
+];
+
 /// The ledger's tables, for checking that none was dropped.
 const TABLES: [&str; 4] = ["projectors", "failures", "holes", "late_events"];
 
@@ -282,12 +305,12 @@ impl Ledger {
         Ok((missing, history))
     }
 
-    /// Fails with a clear message when the ledger has not been migrated, or
-    /// lost a table.
+    /// Fails with a clear message when the ledger has not been migrated,
+    /// lost a table, or has a column altered by hand.
     pub async fn ensure_exists(&self, client: &impl GenericClient) -> Result<()> {
         let (missing, history) = self.missing_tables(client).await?;
         if missing.is_empty() {
-            return Ok(());
+            return self.check_columns(client).await;
         }
         let text = if history && missing.len() < TABLES.len() + 1 {
             format!(
@@ -304,6 +327,47 @@ impl Ledger {
             )
         };
         Err(Failure::Usage(text).into())
+    }
+
+    /// The contract's columns of `projectors` have the types projectionist
+    /// reads and writes: a column altered by hand is named, before anything
+    /// reads or writes it.
+    async fn check_columns(&self, client: &impl GenericClient) -> Result<()> {
+        let rows = client
+            .query(
+                "SELECT a.attname::text, format_type(a.atttypid, a.atttypmod) FROM pg_attribute a \
+                 WHERE a.attrelid = $1::text::regclass AND a.attnum > 0 AND NOT a.attisdropped",
+                &[&self.table("projectors")],
+            )
+            .await
+            .context("reading the ledger's columns")?;
+        let mut wrong = Vec::new();
+        for (column, expected) in PROJECTOR_COLUMNS {
+            let found = rows.iter().find_map(|r| {
+                let name: String = r.try_get(0).ok()?;
+                (name == *column)
+                    .then(|| r.try_get::<_, String>(1).ok())
+                    .flatten()
+            });
+            match found {
+                Some(t) if t == *expected => {}
+                Some(t) => wrong.push(format!("`{column}` is {t}, expected {expected}")),
+                None => wrong.push(format!("`{column}` is missing (expected {expected})")),
+            }
+        }
+        if wrong.is_empty() {
+            return Ok(());
+        }
+        Err(Failure::Usage(format!(
+            "the ledger table {} was altered by hand: {}\n  \
+             restore the column{} (see the ledger's migrations), e.g. \
+             ALTER TABLE {} ALTER COLUMN … TYPE …; nothing was changed",
+            self.table("projectors"),
+            wrong.join("; "),
+            if wrong.len() == 1 { "" } else { "s" },
+            self.table("projectors"),
+        ))
+        .into())
     }
 
     pub async fn rows(&self, client: &impl GenericClient) -> Result<Vec<LedgerRow>> {

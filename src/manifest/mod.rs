@@ -1,6 +1,6 @@
 //! The manifest model: `projectors.toml` as the engine sees it.
 //!
-//! [`Manifest::load`] parses the file (see [`parse`]), checks everything that
+//! [`Manifest::load`] parses the file (see `parse.rs`), checks everything that
 //! can be checked without a database, and reports every problem at once as a
 //! [`ManifestError`] that points at the line and key.
 
@@ -15,6 +15,9 @@ use std::time::Duration;
 pub use diagnostics::{ManifestError, Problem};
 
 use sql_text::Statement;
+
+/// The schema of the ledger when `[ledger] schema` does not say.
+pub const DEFAULT_LEDGER_SCHEMA: &str = "projectionist";
 
 /// Byte range in the manifest's text, for error messages.
 pub type Span = Range<usize>;
@@ -176,6 +179,11 @@ impl Manifest {
             Some(p) if !p.as_os_str().is_empty() => p,
             _ => Path::new("."),
         }
+    }
+
+    /// The projectors' names, in the file's order.
+    pub fn names(&self) -> Vec<String> {
+        self.projectors.iter().map(|p| p.name.clone()).collect()
     }
 
     pub fn projector(&self, name: &str) -> Option<&Projector> {

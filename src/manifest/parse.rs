@@ -85,7 +85,7 @@ pub(super) fn parse(path: &Path, source: String) -> Result<Manifest, ManifestErr
         }
     };
 
-    let mut ledger_schema = "projectionist".to_string();
+    let mut ledger_schema = super::DEFAULT_LEDGER_SCHEMA.to_string();
     if let Some((_, v)) = get(root, "ledger")
         && let Some(t) = w.table(v, "[ledger]")
     {
@@ -382,84 +382,7 @@ impl<'s> Walker<'s> {
         };
         let mut after_spans = Vec::new();
         for (k, v) in t.iter() {
-            let what = format!("projectors.{name}.{}", k.get_ref());
-            match k.get_ref().as_ref() {
-                "mode" => {
-                    if let Some(m) = self.string(v, &what) {
-                        match Mode::parse(&m) {
-                            Some(mode) => p.mode = mode,
-                            None => self.problems.push(
-                                Problem::new(
-                                    v.span(),
-                                    format!("unknown mode `{m}` for projector `{name}`"),
-                                    "unknown mode",
-                                )
-                                .help("mode is one of: from_beginning, from_now, once"),
-                            ),
-                        }
-                    }
-                }
-                "tables" => {
-                    if let Some(list) = self.strings(v, &what) {
-                        p.tables = list.into_iter().map(|s| s.0).collect();
-                    }
-                }
-                "side_effects" => p.side_effects = self.boolean(v, &what).unwrap_or(false),
-                "version" => {
-                    p.version = self.integer(v, &what, 1, i32::MAX as i64).unwrap_or(1) as i32
-                }
-                "after" => {
-                    if let Some(list) = self.strings(v, &what) {
-                        for (dep, span) in list {
-                            p.after.push(dep);
-                            after_spans.push(span);
-                        }
-                    }
-                }
-                "on" => {
-                    if let Some(on) = self.table(v, &what) {
-                        for (event, sql) in on.iter() {
-                            if let Some(h) = self.handler(&name, event, sql) {
-                                p.handlers.push(h);
-                            }
-                        }
-                    }
-                }
-                "command" => p.command = self.command(v, &what),
-                "events" => {
-                    p.events = self
-                        .strings(v, &what)
-                        .map(|l| l.into_iter().map(|s| s.0).collect())
-                }
-                "check" => p.checks = self.checks(v, &name),
-                "reset" => p.reset = self.string(v, &what),
-                "on_error" => {
-                    if let Some(s) = self.string(v, &what) {
-                        match s.as_str() {
-                            "stop" => p.on_error = OnError::Stop,
-                            "retry" => p.on_error = OnError::Retry,
-                            "skip" => p.on_error = OnError::Skip,
-                            other => self.problems.push(
-                                Problem::new(
-                                    v.span(),
-                                    format!("unknown on_error `{other}`"),
-                                    "unknown policy",
-                                )
-                                .help("on_error is one of: stop, retry, skip"),
-                            ),
-                        }
-                    }
-                }
-                "max_retries" => {
-                    p.max_retries = self.integer(v, &what, 0, 1000).unwrap_or(5) as u32
-                }
-                "ack_timeout" => {
-                    if let Some(d) = self.duration(v, &what) {
-                        p.ack_timeout = d;
-                    }
-                }
-                _ => {} // reported by check_keys
-            }
+            self.projector_key(&mut p, k, v, &mut after_spans);
         }
         let has_on = get(t, "on").is_some();
         match (has_on, p.command.is_some() || get(t, "command").is_some()) {
@@ -507,6 +430,91 @@ impl<'s> Walker<'s> {
             }
         }
         (self.problems.len() == before).then_some(p)
+    }
+
+    /// One key of a projector's table.
+    fn projector_key(
+        &mut self,
+        p: &mut Projector,
+        k: &Key,
+        v: &Value,
+        after_spans: &mut Vec<Span>,
+    ) {
+        let name = p.name.clone();
+        let what = format!("projectors.{name}.{}", k.get_ref());
+        match k.get_ref().as_ref() {
+            "mode" => {
+                if let Some(m) = self.string(v, &what) {
+                    match Mode::parse(&m) {
+                        Some(mode) => p.mode = mode,
+                        None => self.problems.push(
+                            Problem::new(
+                                v.span(),
+                                format!("unknown mode `{m}` for projector `{name}`"),
+                                "unknown mode",
+                            )
+                            .help("mode is one of: from_beginning, from_now, once"),
+                        ),
+                    }
+                }
+            }
+            "tables" => {
+                if let Some(list) = self.strings(v, &what) {
+                    p.tables = list.into_iter().map(|s| s.0).collect();
+                }
+            }
+            "side_effects" => p.side_effects = self.boolean(v, &what).unwrap_or(false),
+            "version" => p.version = self.integer(v, &what, 1, i32::MAX as i64).unwrap_or(1) as i32,
+            "after" => {
+                if let Some(list) = self.strings(v, &what) {
+                    for (dep, span) in list {
+                        p.after.push(dep);
+                        after_spans.push(span);
+                    }
+                }
+            }
+            "on" => {
+                if let Some(on) = self.table(v, &what) {
+                    for (event, sql) in on.iter() {
+                        if let Some(h) = self.handler(&name, event, sql) {
+                            p.handlers.push(h);
+                        }
+                    }
+                }
+            }
+            "command" => p.command = self.command(v, &what),
+            "events" => {
+                p.events = self
+                    .strings(v, &what)
+                    .map(|l| l.into_iter().map(|s| s.0).collect())
+            }
+            "check" => p.checks = self.checks(v, &name),
+            "reset" => p.reset = self.string(v, &what),
+            "on_error" => {
+                if let Some(s) = self.string(v, &what) {
+                    match s.as_str() {
+                        "stop" => p.on_error = OnError::Stop,
+                        "retry" => p.on_error = OnError::Retry,
+                        "skip" => p.on_error = OnError::Skip,
+                        other => self.problems.push(
+                            Problem::new(
+                                v.span(),
+                                format!("unknown on_error `{other}`"),
+                                "unknown policy",
+                            )
+                            .help("on_error is one of: stop, retry, skip"),
+                        ),
+                    }
+                }
+            }
+            "max_retries" => p.max_retries = self.integer(v, &what, 0, 1000).unwrap_or(5) as u32,
+            "ack_timeout" => {
+                if let Some(d) = self.duration(v, &what) {
+                    p.ack_timeout = d;
+                }
+            }
+            _ => {} // reported by check_keys
+        }
     }
 
     fn duration(&mut self, v: &Value, what: &str) -> Option<Duration> {

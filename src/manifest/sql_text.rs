@@ -132,15 +132,9 @@ pub fn parse(sql: &str) -> Result<Vec<Statement>, Vec<BadPlaceholder>> {
         }
     };
 
-    while lexer.pos < sql.len() {
-        if lexer.skip_trivia() {
-            continue;
-        }
-        let start = lexer.pos;
-        let rest = &sql[start..];
-        let c = rest.chars().next().unwrap();
-        match c {
-            ';' => {
+    while let Some((start, token)) = lexer.next_token() {
+        match token {
+            Token::Semicolon => {
                 flush_sql(&mut pieces, &sql[chunk_start..start]);
                 if has_code {
                     statements.push(Statement {
@@ -150,69 +144,33 @@ pub fn parse(sql: &str) -> Result<Vec<Statement>, Vec<BadPlaceholder>> {
                     pieces.clear();
                 }
                 has_code = false;
-                lexer.pos += 1;
                 chunk_start = lexer.pos;
             }
-            '\'' => {
+            Token::Code => has_code = true,
+            Token::Positional => {
                 has_code = true;
-                let escapes = is_escape_string_prefix(sql, start);
-                lexer.skip_quoted('\'', escapes);
+                problems.push(BadPlaceholder {
+                    offset: start,
+                    text: sql[start..lexer.pos].to_string(),
+                    why: "positional parameters are not available in handlers: use :position, :type, :stream, :time, :data.path or :metadata.path".into(),
+                });
             }
-            '"' => {
+            Token::Colon => {
                 has_code = true;
-                lexer.skip_quoted('"', false);
-            }
-            '$' => {
-                has_code = true;
-                if let Some(tag) = dollar_tag(rest).filter(|_| !follows_ident(sql, start)) {
-                    lexer.pos += tag.len();
-                    match sql[lexer.pos..].find(&tag) {
-                        Some(end) => lexer.pos += end + tag.len(),
-                        None => lexer.pos = sql.len(),
+                let (value, len) = read_placeholder(&sql[start + 1..]);
+                match value {
+                    Ok(v) => {
+                        flush_sql(&mut pieces, &sql[chunk_start..start]);
+                        pieces.push(Piece::Value(v));
+                        chunk_start = start + 1 + len;
                     }
-                } else if rest[1..].starts_with(|c: char| c.is_ascii_digit())
-                    && !follows_ident(sql, start)
-                {
-                    let digits: String = rest[1..]
-                        .chars()
-                        .take_while(|c| c.is_ascii_digit())
-                        .collect();
-                    problems.push(BadPlaceholder {
+                    Err(why) => problems.push(BadPlaceholder {
                         offset: start,
-                        text: format!("${digits}"),
-                        why: "positional parameters are not available in handlers: use :position, :type, :stream, :time, :data.path or :metadata.path".into(),
-                    });
-                    lexer.pos += 1 + digits.len();
-                } else {
-                    lexer.pos += 1;
+                        text: sql[start..start + 1 + len].to_string(),
+                        why,
+                    }),
                 }
-            }
-            ':' => {
-                has_code = true;
-                if rest.starts_with("::") {
-                    lexer.pos += 2;
-                } else if rest[1..].starts_with(|c: char| c.is_ascii_alphabetic() || c == '_') {
-                    let (value, len) = read_placeholder(&rest[1..]);
-                    match value {
-                        Ok(v) => {
-                            flush_sql(&mut pieces, &sql[chunk_start..start]);
-                            pieces.push(Piece::Value(v));
-                            chunk_start = start + 1 + len;
-                        }
-                        Err(why) => problems.push(BadPlaceholder {
-                            offset: start,
-                            text: sql[start..start + 1 + len].to_string(),
-                            why,
-                        }),
-                    }
-                    lexer.pos = start + 1 + len;
-                } else {
-                    lexer.pos += 1;
-                }
-            }
-            _ => {
-                has_code = true;
-                lexer.pos += c.len_utf8();
+                lexer.pos = start + 1 + len;
             }
         }
     }
@@ -258,38 +216,14 @@ pub fn uses(sql: &str, name: &str) -> bool {
 fn placeholders(sql: &str) -> impl Iterator<Item = (usize, &str)> {
     let mut lexer = Lexer::new(sql);
     let mut found = Vec::new();
-    while lexer.pos < sql.len() {
-        if lexer.skip_trivia() {
-            continue;
-        }
-        let start = lexer.pos;
-        let rest = &sql[start..];
-        let c = rest.chars().next().unwrap_or(' ');
-        match c {
-            '\'' => {
-                let escapes = is_escape_string_prefix(sql, start);
-                lexer.skip_quoted('\'', escapes);
-            }
-            '"' => lexer.skip_quoted('"', false),
-            '$' => match dollar_tag(rest).filter(|_| !follows_ident(sql, start)) {
-                Some(tag) => {
-                    lexer.pos += tag.len();
-                    match sql[lexer.pos..].find(&tag) {
-                        Some(end) => lexer.pos += end + tag.len(),
-                        None => lexer.pos = sql.len(),
-                    }
-                }
-                None => lexer.pos += 1,
-            },
-            ':' if rest.starts_with("::") => lexer.pos += 2,
-            ':' if rest[1..].starts_with(|c: char| c.is_ascii_alphabetic() || c == '_') => {
-                let len = rest[1..]
-                    .find(|c: char| !(c.is_ascii_alphanumeric() || c == '_'))
-                    .unwrap_or(rest.len() - 1);
-                found.push((start, &rest[1..1 + len]));
-                lexer.pos = start + 1 + len;
-            }
-            _ => lexer.pos += c.len_utf8(),
+    while let Some((start, token)) = lexer.next_token() {
+        if token == Token::Colon {
+            let word = &sql[start + 1..];
+            let len = word
+                .find(|c: char| !(c.is_ascii_alphanumeric() || c == '_'))
+                .unwrap_or(word.len());
+            found.push((start, &word[..len]));
+            lexer.pos = start + 1 + len;
         }
     }
     found.into_iter()
@@ -354,6 +288,20 @@ fn dollar_tag(s: &str) -> Option<String> {
     }
 }
 
+/// What the lexer found at a place of the text (outside literals and comments).
+#[derive(Clone, Copy, Debug, PartialEq, Eq)]
+enum Token {
+    /// A top-level `;`.
+    Semicolon,
+    /// A `:` followed by a letter or `_` (the lexer stops at the colon: the
+    /// caller reads the word and moves `pos` past it).
+    Colon,
+    /// `$1`: a positional parameter.
+    Positional,
+    /// Anything else: code, a literal, an identifier, a cast.
+    Code,
+}
+
 struct Lexer<'a> {
     sql: &'a str,
     pos: usize,
@@ -362,6 +310,61 @@ struct Lexer<'a> {
 impl<'a> Lexer<'a> {
     fn new(sql: &'a str) -> Self {
         Lexer { sql, pos: 0 }
+    }
+
+    /// The next token after blanks and comments, and where it starts.
+    fn next_token(&mut self) -> Option<(usize, Token)> {
+        self.skip_trivia();
+        let sql = self.sql;
+        let start = self.pos;
+        let rest = &sql[start..];
+        let c = rest.chars().next()?;
+        let token = match c {
+            ';' => {
+                self.pos += 1;
+                Token::Semicolon
+            }
+            '\'' => {
+                self.skip_quoted('\'', is_escape_string_prefix(sql, start));
+                Token::Code
+            }
+            '"' => {
+                self.skip_quoted('"', false);
+                Token::Code
+            }
+            '$' => match dollar_tag(rest).filter(|_| !follows_ident(sql, start)) {
+                Some(tag) => {
+                    self.pos += tag.len();
+                    match sql[self.pos..].find(&tag) {
+                        Some(end) => self.pos += end + tag.len(),
+                        None => self.pos = sql.len(),
+                    }
+                    Token::Code
+                }
+                None if rest[1..].starts_with(|c: char| c.is_ascii_digit())
+                    && !follows_ident(sql, start) =>
+                {
+                    self.pos += 1 + rest[1..].chars().take_while(|c| c.is_ascii_digit()).count();
+                    Token::Positional
+                }
+                None => {
+                    self.pos += 1;
+                    Token::Code
+                }
+            },
+            ':' if rest.starts_with("::") => {
+                self.pos += 2;
+                Token::Code
+            }
+            ':' if rest[1..].starts_with(|c: char| c.is_ascii_alphabetic() || c == '_') => {
+                Token::Colon
+            }
+            _ => {
+                self.pos += c.len_utf8();
+                Token::Code
+            }
+        };
+        Some((start, token))
     }
 
     /// Skips blanks and comments; true when it moved.
@@ -424,28 +427,8 @@ impl<'a> Lexer<'a> {
 #[cfg(test)]
 mod tests {
     use super::*;
-
-    struct Params;
-    impl ValueNames for Params {
-        fn position(&self) -> &str {
-            "$1"
-        }
-        fn event_type(&self) -> &str {
-            "$2"
-        }
-        fn stream(&self) -> &str {
-            "$3"
-        }
-        fn time(&self) -> &str {
-            "$4"
-        }
-        fn data(&self) -> &str {
-            "$5"
-        }
-        fn metadata(&self) -> &str {
-            "$6"
-        }
-    }
+    // The parameters validate prepares handlers with: $1 position … $6 metadata.
+    use crate::handlers::sql::Parameters as Params;
 
     fn one(sql: &str) -> String {
         let s = parse(sql).unwrap();

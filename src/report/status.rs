@@ -143,82 +143,12 @@ pub fn table(report: &StatusReport, verbose: bool) -> String {
     out
 }
 
-/// One projector in detail.
+/// One projector in detail: its ledger row, failures, late events and holes.
 pub fn detail(p: &ProjectorStatus, d: &Detail, report: &StatusReport) -> String {
     let now = report.time;
     let mut out = String::new();
-    let mut line = |k: &str, v: String| out.push_str(&format!("{k:<14}{v}\n"));
-    line("projector", p.name.clone());
-    line("mode", p.mode.clone());
-    line("state", p.state.as_str().to_string());
-    line(
-        "position",
-        p.position
-            .map(|x| x.to_string())
-            .unwrap_or_else(|| "-".into()),
-    );
-    line("head", report.head.position.to_string());
-    line(
-        "lag",
-        p.lag
-            .map(|x| format!("{x} events"))
-            .unwrap_or_else(|| "-".into()),
-    );
-    line(
-        "behind",
-        p.behind_seconds.map(duration).unwrap_or_else(|| "-".into()),
-    );
-    line(
-        "updated",
-        p.updated_at
-            .map(|u| ago(u, now))
-            .unwrap_or_else(|| "-".into()),
-    );
-    line(
-        "version",
-        p.version
-            .map(|v| v.to_string())
-            .unwrap_or_else(|| "-".into()),
-    );
-    line(
-        "side effects",
-        if p.side_effects {
-            "yes".into()
-        } else {
-            "no".into()
-        },
-    );
-    line(
-        "tables",
-        if p.tables.is_empty() {
-            "-".into()
-        } else {
-            p.tables.join(", ")
-        },
-    );
-    line(
-        "processed",
-        format!("{} events since its last (re)start", p.events_processed),
-    );
-    if let Some(m) = p.missing_since {
-        line(
-            "missing since",
-            format!("{} ({})", m.format("%Y-%m-%d %H:%M:%S UTC"), ago(m, now)),
-        );
-    }
-    if !p.waiting_for.is_empty() {
-        line("waits for", p.waiting_for.join(", "));
-    }
-    if let Some(e) = &p.error {
-        line(
-            "error",
-            format!(
-                "#{} {}: {}",
-                p.error_position.unwrap_or_default(),
-                p.error_type.clone().unwrap_or_default(),
-                e
-            ),
-        );
+    for (k, v) in fields(p, report) {
+        out.push_str(&format!("{k:<14}{v}\n"));
     }
     out.push_str("\nlast failures:\n");
     if d.failures.is_empty() {
@@ -258,16 +188,171 @@ pub fn detail(p: &ProjectorStatus, d: &Detail, report: &StatusReport) -> String 
     out.push_str("\npassed holes in the positions (latest batches):\n");
     if d.holes.is_empty() {
         out.push_str("  none\n");
-    } else {
-        for h in &d.holes {
-            out.push_str(&format!(
-                "  {} hole(s) in {}..={}, passed {}\n",
-                h.holes,
-                h.first_position,
-                h.last_position,
-                ago(h.passed_at, now)
-            ));
-        }
+    }
+    for h in &d.holes {
+        out.push_str(&format!(
+            "  {} hole(s) in {}..={}, passed {}\n",
+            h.holes,
+            h.first_position,
+            h.last_position,
+            ago(h.passed_at, now)
+        ));
     }
     out.trim_end().to_string()
+}
+
+/// The ledger row's fields as `status NAME` lists them.
+fn fields(p: &ProjectorStatus, report: &StatusReport) -> Vec<(&'static str, String)> {
+    let now = report.time;
+    let or_dash = |v: Option<String>| v.unwrap_or_else(|| "-".into());
+    let mut out = vec![
+        ("projector", p.name.clone()),
+        ("mode", p.mode.clone()),
+        ("state", p.state.as_str().to_string()),
+        ("position", or_dash(p.position.map(|x| x.to_string()))),
+        ("head", report.head.position.to_string()),
+        ("lag", or_dash(p.lag.map(|x| format!("{x} events")))),
+        ("behind", or_dash(p.behind_seconds.map(duration))),
+        ("updated", or_dash(p.updated_at.map(|u| ago(u, now)))),
+        ("version", or_dash(p.version.map(|v| v.to_string()))),
+        (
+            "side effects",
+            if p.side_effects { "yes" } else { "no" }.to_string(),
+        ),
+        (
+            "tables",
+            if p.tables.is_empty() {
+                "-".into()
+            } else {
+                p.tables.join(", ")
+            },
+        ),
+        (
+            "processed",
+            format!("{} events since its last (re)start", p.events_processed),
+        ),
+    ];
+    if let Some(m) = p.missing_since {
+        out.push((
+            "missing since",
+            format!("{} ({})", m.format("%Y-%m-%d %H:%M:%S UTC"), ago(m, now)),
+        ));
+    }
+    if !p.waiting_for.is_empty() {
+        out.push(("waits for", p.waiting_for.join(", ")));
+    }
+    if let Some(e) = &p.error {
+        out.push((
+            "error",
+            format!(
+                "#{} {}: {}",
+                p.error_position.unwrap_or_default(),
+                p.error_type.clone().unwrap_or_default(),
+                e
+            ),
+        ));
+    }
+    out
+}
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+    use crate::engine::status::Head;
+    use crate::ledger::LateEvent;
+    use crate::store::Holder;
+
+    fn projector(name: &str, state: ShownState) -> ProjectorStatus {
+        ProjectorStatus {
+            name: name.into(),
+            mode: "from_beginning".into(),
+            state,
+            position: Some(90),
+            lag: Some(10),
+            behind_seconds: Some(125.0),
+            updated_at: None,
+            error: None,
+            error_position: None,
+            error_type: None,
+            missing_since: None,
+            waiting_for: Vec::new(),
+            version: Some(1),
+            side_effects: false,
+            tables: vec!["band".into()],
+            events_processed: 90,
+            late_events: Vec::new(),
+        }
+    }
+
+    #[test]
+    fn the_table_shows_each_projector_its_error_late_events_and_what_holds_the_head() {
+        let mut broken = projector("band", ShownState::Ledger(State::Broken));
+        broken.error = Some(format!(
+            "null value in column \"lat\" {}\nsecond line",
+            "x".repeat(80)
+        ));
+        broken.error_position = Some(91);
+        broken.error_type = Some("BandCreated".into());
+        let mut late = projector("event", ShownState::Ledger(State::Live));
+        late.late_events.push(LateEvent {
+            projector: "event".into(),
+            position: 17,
+            event_type: Some("EventCreated".into()),
+        });
+        let report = StatusReport {
+            head: Head {
+                position: 100,
+                time: None,
+            },
+            holding: vec![Holder {
+                pid: None,
+                seconds: 300.0,
+                application: "app".into(),
+                state: "prepared".into(),
+                prepared: Some("tx1".into()),
+            }],
+            projectors: vec![broken, late, projector("new_one", ShownState::New)],
+            time: chrono::Utc::now(),
+        };
+        let text = table(&report, false);
+        let lines: Vec<&str> = text.lines().collect();
+        assert!(lines[0].split_whitespace().eq([
+            "PROJECTOR",
+            "MODE",
+            "STATE",
+            "POSITION",
+            "LAG",
+            "BEHIND",
+            "UPDATED",
+            "ERROR"
+        ]));
+        let band = lines
+            .iter()
+            .find(|l| l.trim_start().starts_with("band"))
+            .unwrap();
+        assert!(
+            band.contains("broken")
+                && band.contains("2m")
+                && band.contains("#91 BandCreated: null value")
+        );
+        assert!(
+            band.trim_end().ends_with('…'),
+            "long errors are cut: {band}"
+        );
+        let event = lines
+            .iter()
+            .find(|l| l.trim_start().starts_with("event"))
+            .unwrap();
+        assert!(
+            event.contains("1 late event(s) not applied (#17 EventCreated…): reset it"),
+            "{event}"
+        );
+        assert!(text.contains("head: position 100"));
+        assert!(
+            text.contains("held back by: prepared transaction 'tx1' (owner app)"),
+            "{text}"
+        );
+        // -v shows the whole error.
+        assert!(table(&report, true).contains("second line"));
+    }
 }

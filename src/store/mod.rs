@@ -20,7 +20,7 @@ use tokio_postgres::{Client, GenericClient};
 pub use reader::{Holder, PassedHoles, Plan, Reader};
 
 use crate::db::{RowExt, quote_ident, quote_literal, quote_qualified};
-use crate::manifest::{Problem, Store};
+use crate::manifest::{Problem, Span, Store};
 
 /// A place in the event order: the event's position, and with a transaction
 /// column its transaction id (the order is then (tx, position)).
@@ -122,11 +122,41 @@ enum Part {
     Expression { sql: String, type_name: String },
 }
 
-impl StoreShape {
-    /// Checks the store's relation, columns, expressions and filter; every
-    /// problem points at the `[store]` key at fault.
-    pub async fn inspect(client: &Client, store: &Store) -> Result<StoreShape, Vec<Problem>> {
-        let lookup_failed = |e: tokio_postgres::Error| {
+impl Part {
+    /// The value over `e`, with a cast appended.
+    fn sql(self, cast: &str) -> String {
+        match self {
+            Part::Column { quoted, .. } => format!("e.{quoted}{cast}"),
+            Part::Expression { sql, .. } => format!("({sql}){cast}"),
+        }
+    }
+
+    /// A time as timestamptz: a timestamp without time zone is taken as UTC.
+    fn time(self) -> String {
+        let utc = matches!(&self, Part::Column { type_name, .. } | Part::Expression { type_name, .. }
+            if type_name == "timestamp without time zone");
+        let sql = self.sql("");
+        if utc {
+            format!("({sql} AT TIME ZONE 'UTC')")
+        } else {
+            sql
+        }
+    }
+}
+
+/// The store's relation as the catalog has it.
+struct Relation {
+    table: String,
+    regclass: String,
+    kind: RelationKind,
+    /// Column name → type.
+    columns: HashMap<String, String>,
+    sources: Vec<u32>,
+}
+
+impl Relation {
+    async fn look_up(client: &Client, store: &Store) -> Result<Relation, Vec<Problem>> {
+        let failed = |e: tokio_postgres::Error| {
             vec![Problem::new(
                 store.span_of("table"),
                 format!("cannot look up the events table: {e}"),
@@ -140,7 +170,7 @@ impl StoreShape {
                 &[&table],
             )
             .await
-            .map_err(lookup_failed)?;
+            .map_err(failed)?;
         let Some(row) = row else {
             return Err(vec![
                 Problem::new(
@@ -168,174 +198,175 @@ impl StoreShape {
                 )]);
             }
         };
-        let cols: HashMap<String, String> = client
+        let columns = client
             .query(
                 "SELECT attname::text, format_type(atttypid, NULL) FROM pg_attribute \
                  WHERE attrelid = $1 AND attnum > 0 AND NOT attisdropped",
                 &[&oid],
             )
             .await
-            .map_err(lookup_failed)?
+            .map_err(failed)?
             .into_iter()
             .map(|r| (r.get(0), r.get(1)))
             .collect();
         let sources: Vec<u32> = client
             .query_one(SOURCES, &[&oid])
             .await
-            .map_err(lookup_failed)?
+            .map_err(failed)?
             .get(0);
+        Ok(Relation {
+            table,
+            regclass,
+            kind,
+            columns,
+            sources,
+        })
+    }
 
-        let mut problems = Vec::new();
-        let mut part = |key: &'static str,
-                        value: &Option<String>,
-                        allowed: &[&'static str],
-                        expressions: bool| {
-            let value = value.as_ref()?;
-            let span = store.span_of(key);
-            let found = match cols.get(value) {
-                Some(t) => Ok(Part::Column {
-                    quoted: quote_ident(value),
-                    type_name: t.clone(),
-                }),
-                None if !expressions || is_identifier(value) => Err(Problem::new(
-                    span.clone(),
-                    format!("store.{key}: column `{value}` does not exist in {regclass}"),
-                    "no such column",
-                )
-                .help(format!("columns of {regclass}: {}", sorted(cols.keys())))),
-                None => Ok(Part::Expression {
-                    sql: value.clone(),
-                    type_name: String::new(),
-                }),
-            };
-            match found {
-                Err(p) => {
-                    problems.push(p);
-                    None
-                }
-                Ok(p) => Some((key, span, p, allowed.to_vec())),
-            }
-        };
-        let position = part(
-            "position",
-            &Some(store.position.clone()),
-            &["bigint", "integer", "smallint"],
-            false,
-        );
-        let event_type = part("type", &Some(store.event_type.clone()), &[], true);
-        let data = part("data", &Some(store.data.clone()), &PAYLOAD_TYPES, false);
-        let stream = part("stream", &store.stream, &[], true);
-        let time = part("time", &store.time, &TIME_TYPES, true);
-        let metadata = part("metadata", &store.metadata, &PAYLOAD_TYPES, false);
-        let transaction = part("transaction", &store.transaction, &["xid8"], false);
-
-        // Types: a column's from the catalog, an expression's by preparing it.
-        let mut resolved: HashMap<&'static str, Part> = HashMap::new();
-        for (key, span, p, allowed) in [
-            position,
-            event_type,
-            data,
-            stream,
-            time,
-            metadata,
-            transaction,
-        ]
-        .into_iter()
-        .flatten()
-        {
-            let p = match p {
-                Part::Expression { sql, .. } => {
-                    match client
-                        .prepare(&format!("SELECT ({sql}) FROM {table} e LIMIT 0"))
-                        .await
-                    {
-                        Ok(st) => Part::Expression {
-                            type_name: format_type(&st.columns()[0].type_().to_string()),
-                            sql,
-                        },
-                        Err(e) => {
-                            problems.push(expression_problem(span, key, &e));
-                            continue;
-                        }
-                    }
-                }
-                column => column,
-            };
-            let type_name = match &p {
-                Part::Column { type_name, .. } | Part::Expression { type_name, .. } => type_name,
-            };
-            if !allowed.is_empty() && !allowed.contains(&type_name.as_str()) {
-                problems.push(Problem::new(
+    /// A `[store]` value: one of the relation's columns, or (where
+    /// `expressions`) an SQL expression over its row, typed by preparing it;
+    /// of one of the `allowed` types, if any are given.
+    async fn part(
+        &self,
+        client: &Client,
+        (key, span): (&'static str, Span),
+        value: &str,
+        allowed: &[&str],
+        expressions: bool,
+    ) -> Result<Part, Problem> {
+        let part = match self.columns.get(value) {
+            Some(t) => Part::Column {
+                quoted: quote_ident(value),
+                type_name: t.clone(),
+            },
+            None if !expressions || is_identifier(value) => {
+                return Err(Problem::new(
                     span,
                     format!(
-                        "store.{key} is {type_name}; expected {}",
-                        allowed.join(", ")
+                        "store.{key}: column `{value}` does not exist in {}",
+                        self.regclass
                     ),
-                    format!("{type_name}, not {}", allowed.join(" or ")),
-                ));
-                continue;
+                    "no such column",
+                )
+                .help(format!(
+                    "columns of {}: {}",
+                    self.regclass,
+                    sorted(self.columns.keys())
+                )));
             }
-            resolved.insert(key, p);
+            None => {
+                let st = client
+                    .prepare(&format!("SELECT ({value}) FROM {} e LIMIT 0", self.table))
+                    .await
+                    .map_err(|e| expression_problem(span.clone(), key, &e))?;
+                Part::Expression {
+                    sql: value.to_string(),
+                    type_name: format_type(&st.columns()[0].type_().to_string()),
+                }
+            }
+        };
+        let type_name = match &part {
+            Part::Column { type_name, .. } | Part::Expression { type_name, .. } => type_name,
+        };
+        if !allowed.is_empty() && !allowed.contains(&type_name.as_str()) {
+            return Err(Problem::new(
+                span,
+                format!(
+                    "store.{key} is {type_name}; expected {}",
+                    allowed.join(", ")
+                ),
+                format!("{type_name}, not {}", allowed.join(" or ")),
+            ));
         }
-        if let Some(filter) = &store.filter {
-            let span = store.span_of("filter");
-            match client
-                .prepare(&format!("SELECT 1 FROM {table} e WHERE ({filter}) LIMIT 0"))
+        Ok(part)
+    }
+}
+
+impl StoreShape {
+    /// Checks the store's relation, columns, expressions and filter; every
+    /// problem points at the `[store]` key at fault.
+    pub async fn inspect(client: &Client, store: &Store) -> Result<StoreShape, Vec<Problem>> {
+        let rel = Relation::look_up(client, store).await?;
+        let wanted: [(&'static str, Option<&String>, &[&str], bool); 7] = [
+            (
+                "position",
+                Some(&store.position),
+                &["bigint", "integer", "smallint"],
+                false,
+            ),
+            ("type", Some(&store.event_type), &[], true),
+            ("data", Some(&store.data), &PAYLOAD_TYPES, false),
+            ("stream", store.stream.as_ref(), &[], true),
+            ("time", store.time.as_ref(), &TIME_TYPES, true),
+            ("metadata", store.metadata.as_ref(), &PAYLOAD_TYPES, false),
+            ("transaction", store.transaction.as_ref(), &["xid8"], false),
+        ];
+        let mut problems = Vec::new();
+        let mut parts: HashMap<&'static str, Part> = HashMap::new();
+        for (key, value, allowed, expressions) in wanted {
+            let Some(value) = value else { continue };
+            match rel
+                .part(
+                    client,
+                    (key, store.span_of(key)),
+                    value,
+                    allowed,
+                    expressions,
+                )
                 .await
             {
-                Ok(_) => {}
-                Err(e) => problems.push(expression_problem(span, "filter", &e)),
+                Ok(p) => {
+                    parts.insert(key, p);
+                }
+                Err(p) => problems.push(p),
+            }
+        }
+        if let Some(filter) = &store.filter {
+            let sql = format!("SELECT 1 FROM {} e WHERE ({filter}) LIMIT 0", rel.table);
+            if let Err(e) = client.prepare(&sql).await {
+                problems.push(expression_problem(store.span_of("filter"), "filter", &e));
             }
         }
         if !problems.is_empty() {
             return Err(problems);
         }
-        let sql_of = |p: Option<Part>, cast: &str| {
-            p.map(|p| match p {
-                Part::Column { quoted, .. } => format!("e.{quoted}{cast}"),
-                Part::Expression { sql, .. } => format!("({sql}){cast}"),
-            })
+        let (
+            Some(Part::Column {
+                quoted: position, ..
+            }),
+            Some(Part::Column {
+                quoted: data,
+                type_name,
+            }),
+        ) = (parts.remove("position"), parts.remove("data"))
+        else {
+            return Err(Vec::new());
         };
-        let payload = |p: Option<Part>| {
-            p.map(|p| match p {
-                Part::Column { quoted, type_name } => Payload {
-                    column: quoted,
-                    type_name,
-                },
-                Part::Expression { .. } => unreachable!("payloads are columns"),
-            })
-        };
-        let time = resolved.remove("time").map(|p| match &p {
-            Part::Column { type_name, .. } | Part::Expression { type_name, .. }
-                if type_name == "timestamp without time zone" =>
-            {
-                format!(
-                    "({} AT TIME ZONE 'UTC')",
-                    sql_of(Some(p), "").unwrap_or_default()
-                )
-            }
-            _ => sql_of(Some(p), "").unwrap_or_default(),
-        });
-        let position = match resolved.remove("position") {
-            Some(Part::Column { quoted, .. }) => quoted,
-            _ => return Err(Vec::new()),
-        };
-        let data = match payload(resolved.remove("data")) {
-            Some(d) => d,
-            None => return Err(Vec::new()),
+        let payload = |p: Option<Part>| match p {
+            Some(Part::Column { quoted, type_name }) => Some(Payload {
+                column: quoted,
+                type_name,
+            }),
+            _ => None,
         };
         Ok(StoreShape {
-            table,
-            regclass,
-            kind,
-            sources,
+            table: rel.table,
+            regclass: rel.regclass,
+            kind: rel.kind,
+            sources: rel.sources,
             position,
-            event_type: sql_of(resolved.remove("type"), "::text").unwrap_or_default(),
-            stream: sql_of(resolved.remove("stream"), "::text"),
-            time,
-            data,
-            metadata: payload(resolved.remove("metadata")),
-            transaction: match resolved.remove("transaction") {
+            event_type: parts
+                .remove("type")
+                .map(|p| p.sql("::text"))
+                .unwrap_or_default(),
+            stream: parts.remove("stream").map(|p| p.sql("::text")),
+            time: parts.remove("time").map(Part::time),
+            data: Payload {
+                column: data,
+                type_name,
+            },
+            metadata: payload(parts.remove("metadata")),
+            transaction: match parts.remove("transaction") {
                 Some(Part::Column { quoted, .. }) => Some(quoted),
                 _ => None,
             },
@@ -682,22 +713,7 @@ fn format_type(t: &str) -> String {
     }
 }
 
-fn expression_problem(
-    span: crate::manifest::Span,
-    key: &str,
-    e: &tokio_postgres::Error,
-) -> Problem {
-    let (label, help) = match e.as_db_error() {
-        Some(db) => (
-            db.message().to_string(),
-            [db.detail(), db.hint()]
-                .into_iter()
-                .flatten()
-                .collect::<Vec<_>>()
-                .join("\n"),
-        ),
-        None => (e.to_string(), String::new()),
-    };
+fn expression_problem(span: Span, key: &str, e: &tokio_postgres::Error) -> Problem {
     let (message, hint) = if key == "filter" {
         (
             "store.filter is not a valid SQL condition over the store's row".to_string(),
@@ -709,12 +725,7 @@ fn expression_problem(
             "write a column name, or an SQL expression over the row such as message->>'type'",
         )
     };
-    let p = Problem::new(span, message, label);
-    if help.is_empty() {
-        p.help(hint)
-    } else {
-        p.help(help)
-    }
+    crate::db::problem(span, message, e, Some(hint))
 }
 
 fn sorted<'a>(names: impl Iterator<Item = &'a String>) -> String {

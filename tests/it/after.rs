@@ -1,4 +1,4 @@
-//! `after` (issue 10): concurrent boots give the same tables as playing the
+//! `after`: concurrent boots give the same tables as playing the
 //! events in order, and dependencies are honoured in boot.
 
 use crate::harness::*;

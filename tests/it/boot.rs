@@ -1,5 +1,5 @@
 //! `boot` against a real PostgreSQL: run modes, failure semantics, crash
-//! safety and concurrency (issue 3).
+//! safety and concurrency.
 
 use crate::harness::*;
 

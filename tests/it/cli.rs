@@ -1,4 +1,4 @@
-//! The command line itself (issue 2): manifest errors that point at the line
+//! The command line itself: manifest errors that point at the line
 //! and change nothing, `migrate` (reporting, idempotence, concurrency),
 //! `validate` against the database, connection errors that never show a
 //! password, `init`, completions, the man page and `--help`.

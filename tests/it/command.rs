@@ -1,4 +1,4 @@
-//! Command projectors with real child processes (issue 7): delivery, failure,
+//! Command projectors with real child processes: delivery, failure,
 //! at-least-once across SIGKILL, protocol errors, filtering.
 
 use std::collections::HashMap;

@@ -17,8 +17,7 @@
 //! timeouts 4 s. Projectionist talks to the database through the proxy when
 //! the test freezes the network; the test's own checks always go direct.
 //! Timing bounds leave generous margins (a loaded 2-core CI machine): each
-//! test prints what it measured. Tests marked `#[ignore = "bug: …"]` assert
-//! bounded behaviour projectionist does not have yet.
+//! test prints what it measured.
 
 use std::path::PathBuf;
 use std::process::{Child, Command, Stdio};
@@ -216,18 +215,23 @@ async fn assert_exactly_once(c: &Client, name: &str, head: i64, things: i64) {
     assert_eq!(failures(c).await, 0, "no failure was recorded");
 }
 
-/// What a projector's counter says, and its position, agree: only whole
-/// batches were ever committed.
+/// What a projector's counter says, and its position, agree (read in one
+/// snapshot): only whole batches were ever committed. Returns the position.
 async fn assert_whole_batches(c: &Client, name: &str) -> i64 {
-    let (_, p) = ledger(c, name).await.unwrap();
-    let things = count(
-        c,
-        &format!("SELECT count(*) FROM events WHERE name = 'Thing' AND id <= {p}"),
-    )
-    .await;
+    let row = c
+        .query_one(
+            &format!(
+                "SELECT p.position, (SELECT n FROM {name}_n), \
+                   (SELECT count(*) FROM events e WHERE e.name = 'Thing' AND e.id <= p.position) \
+                 FROM projectionist.projectors p WHERE p.name = $1"
+            ),
+            &[&name],
+        )
+        .await
+        .unwrap();
+    let (p, n, things): (i64, i64, i64) = (row.get(0), row.get(1), row.get(2));
     assert_eq!(
-        count(c, &format!("SELECT n FROM {name}_n")).await,
-        things,
+        n, things,
         "{name}: the counter matches the committed position {p}"
     );
     p
@@ -294,8 +298,9 @@ async fn a_boot_whose_network_freezes_exits_3_within_the_session_budget_then_res
     let p = assert_whole_batches(&c, "fz_boot").await;
     assert!((300..3_000).contains(&p), "stopped at {p}");
 
-    // The network comes back (what the proxy held is delivered, a late COMMIT
-    // included); the next boot, direct, finishes the job exactly once.
+    // The network comes back (what the proxy held is delivered: a batch whose
+    // COMMIT it held would commit now); the next boot, direct, finishes the
+    // job exactly once.
     proxy.resume();
     set_pace(&c, 0.0).await;
     let again = Instant::now();
@@ -457,7 +462,6 @@ async fn the_server_drops_a_frozen_boots_locks_and_a_second_boot_finishes_exactl
 }
 
 #[tokio::test]
-#[ignore = "bug: a boot waiting for the boot lock hangs forever (past --lock-timeout) when the network freezes: Locks::lock's try_lock has no answer bound"]
 async fn a_boot_waiting_for_the_boot_lock_on_a_frozen_network_exits_3() {
     let db = TestDb::new().await;
     let c = counters(&db, &["fz_wait"], 0.0, 100, "", "").await;
@@ -543,23 +547,13 @@ async fn caught_up(c: &Client, names: &[&str]) -> bool {
     count(c, "SELECT count(*) FROM events WHERE name = 'Echo'").await == things_count(c).await
 }
 
-#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
-async fn a_standby_takes_over_a_frozen_runners_projectors_and_the_frozen_runner_comes_back_harmless()
- {
-    let db = TestDb::new().await;
-    let all = ["fr_count", "fr_echo", "fr_watch"];
-    let names = ["fr_count", "fr_echo"];
-    let c = counters(
-        &db,
-        &["fr_count", "fr_watch"],
-        0.0,
-        20,
-        "",
-        &echo("fr_echo"),
-    )
-    .await;
+/// Runner A (through `proxy`) owns `names` (fr_count and fr_echo) and runner B
+/// (direct) owns fr_watch, which only B's manifest has. Returns a direct
+/// client, the proxy, A and B.
+async fn a_and_b_running(db: &TestDb, names: &[&str]) -> (Client, Proxy, Player, Player) {
+    let c = counters(db, &["fr_count", "fr_watch"], 0.0, 20, "", &echo("fr_echo")).await;
     // A's manifest: fr_count and fr_echo.
-    things_manifest(&db, &format!("{}{}", counter("fr_count"), echo("fr_echo")));
+    things_manifest(db, &format!("{}{}", counter("fr_count"), echo("fr_echo")));
     db.run(&["boot"]).expect(0);
     let proxy = Proxy::start(server_addr(&db.url));
     let url = proxy.url_for(&db.url);
@@ -573,7 +567,7 @@ async fn a_standby_takes_over_a_frozen_runners_projectors_and_the_frozen_runner_
     ];
     let mut a_args = vec!["--database-url", url.as_str()];
     a_args.extend_from_slice(&opts);
-    let mut a = Player::start(&db, "a", &a_args);
+    let a = Player::start(db, "a", &a_args);
     wait_for(
         "A to own fr_count and fr_echo",
         PATIENCE,
@@ -584,7 +578,7 @@ async fn a_standby_takes_over_a_frozen_runners_projectors_and_the_frozen_runner_
     // B's manifest adds fr_watch, which only B plays: a reader that is never
     // frozen, whose horizon A's frozen echo batch holds.
     things_manifest(
-        &db,
+        db,
         &format!(
             "{}{}{}",
             counter("fr_count"),
@@ -593,50 +587,63 @@ async fn a_standby_takes_over_a_frozen_runners_projectors_and_the_frozen_runner_
         ),
     );
     db.run(&["boot"]).expect(0);
-    let mut b = Player::start(&db, "b", &opts);
+    let b = Player::start(db, "b", &opts);
     wait_for("B to own fr_watch", PATIENCE, &[&b], async || {
         owned_by(&c, &b).await == ["fr_watch"]
     })
     .await;
+    (c, proxy, a, b)
+}
 
+/// A gets busy, then its network goes silent mid-batch: fr_watch (B's) is not
+/// held back, B takes A's projectors over and projects every event, each within
+/// the bounds, and every event lands exactly once.
+async fn freeze_a_mid_batch_and_b_takes_over(
+    c: &Client,
+    proxy: &Proxy,
+    a: &mut Player,
+    b: &Player,
+    names: &[&str],
+    all: &[&str],
+) {
     // A is busy: a batch of 5 events takes 0.25 s.
-    set_pace(&c, 0.05).await;
-    add_things(&c, 200).await;
-    wait_for("A to be busy", PATIENCE, &[&a], async || {
-        position(&c, "fr_count").await > 60 && position(&c, "fr_echo").await > 60
+    set_pace(c, 0.05).await;
+    add_things(c, 200).await;
+    wait_for("A to be busy", PATIENCE, &[a], async || {
+        position(c, "fr_count").await > 60 && position(c, "fr_echo").await > 60
     })
     .await;
-    assert_eq!(owned_by(&c, &a).await, names);
+    assert_eq!(owned_by(c, a).await, names);
 
     // A's network goes silent mid-batch: its owner locks, and the open
     // transaction of its echo batch (a writer of the store, which holds the
     // readers' horizon), live on in the server until it drops the sessions.
     proxy.freeze();
     let frozen = Instant::now();
-    set_pace(&c, 0.0).await;
-    add_things(&c, 30).await; // Committed after the freeze.
-    let things = things_count(&c).await;
+    set_pace(c, 0.0).await;
+    add_things(c, 30).await; // Committed after the freeze.
+    let things = things_count(c).await;
     wait_for(
         "fr_watch (B's) to count the events committed after the freeze",
         PATIENCE,
-        &[&a, &b],
-        async || count(&c, "SELECT n FROM fr_watch_n").await == things,
+        &[a, b],
+        async || count(c, "SELECT n FROM fr_watch_n").await == things,
     )
     .await;
     let watched = frozen.elapsed();
     wait_for(
         "B to take A's projectors over",
         PATIENCE,
-        &[&a, &b],
-        async || owned_by(&c, &b).await == all,
+        &[a, b],
+        async || owned_by(c, b).await == all,
     )
     .await;
     let took_over = frozen.elapsed();
     wait_for(
         "B to project every event, those committed after the freeze included",
         PATIENCE,
-        &[&a, &b],
-        async || caught_up(&c, &all).await,
+        &[a, b],
+        async || caught_up(c, all).await,
     )
     .await;
     let caught = frozen.elapsed();
@@ -660,20 +667,28 @@ async fn a_standby_takes_over_a_frozen_runners_projectors_and_the_frozen_runner_
         b.log()
     );
     a.assert_running();
-    let h = head(&c).await;
+    let h = head(c).await;
     for n in ["fr_count", "fr_watch"] {
-        assert_exactly_once(&c, n, h, things).await;
+        assert_exactly_once(c, n, h, things).await;
     }
-    assert_echoed_once(&c).await;
+    assert_echoed_once(c).await;
+}
 
-    // A's network comes back: A reconnects (a session of its own opened after
-    // now), takes nothing from B, and double-applies nothing.
+/// A's network comes back: A reconnects (a session of its own opened after
+/// now), takes nothing from B, and double-applies nothing.
+async fn resume_a_and_it_takes_nothing(
+    c: &Client,
+    proxy: &Proxy,
+    a: &mut Player,
+    b: &Player,
+    all: &[&str],
+) {
     let resumed: String = c.query_one("SELECT now()::text", &[]).await.unwrap().get(0);
     proxy.resume();
     let a_pid = a.pid();
-    wait_for("A to reconnect", PATIENCE, &[&a], async || {
+    wait_for("A to reconnect", PATIENCE, &[a], async || {
         count(
-            &c,
+            c,
             &format!(
                 "SELECT count(*) FROM pg_stat_activity WHERE datname = current_database() \
                  AND application_name LIKE 'projectionist play%pid {a_pid}' \
@@ -684,21 +699,32 @@ async fn a_standby_takes_over_a_frozen_runners_projectors_and_the_frozen_runner_
             > 0
     })
     .await;
-    add_things(&c, 10).await;
-    wait_for("B to project new events", PATIENCE, &[&a, &b], async || {
-        caught_up(&c, &all).await
+    add_things(c, 10).await;
+    wait_for("B to project new events", PATIENCE, &[a, b], async || {
+        caught_up(c, all).await
     })
     .await;
     tokio::time::sleep(Duration::from_millis(1000)).await;
     a.assert_running();
     assert!(a.log().contains("lost the database"), "{}", a.log());
-    assert_eq!(owned_by(&c, &a).await, Vec::<String>::new(), "{}", a.log());
-    assert_eq!(owned_by(&c, &b).await, all);
-    let (h, things) = (head(&c).await, things_count(&c).await);
+    assert_eq!(owned_by(c, a).await, Vec::<String>::new(), "{}", a.log());
+    assert_eq!(owned_by(c, b).await, all);
+    let (h, things) = (head(c).await, things_count(c).await);
     for n in ["fr_count", "fr_watch"] {
-        assert_exactly_once(&c, n, h, things).await;
+        assert_exactly_once(c, n, h, things).await;
     }
-    assert_echoed_once(&c).await;
+    assert_echoed_once(c).await;
+}
+
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn a_standby_takes_over_a_frozen_runners_projectors_and_the_frozen_runner_comes_back_harmless()
+ {
+    let db = TestDb::new().await;
+    let all = ["fr_count", "fr_echo", "fr_watch"];
+    let names = ["fr_count", "fr_echo"];
+    let (c, proxy, mut a, mut b) = a_and_b_running(&db, &names).await;
+    freeze_a_mid_batch_and_b_takes_over(&c, &proxy, &mut a, &b, &names, &all).await;
+    resume_a_and_it_takes_nothing(&c, &proxy, &mut a, &b, &all).await;
 
     // A is a working standby again: B stops, A takes its projectors back.
     b.stop();
@@ -736,7 +762,6 @@ async fn sigterm_within(play: &mut Player, limit: Duration) -> Option<(Option<i3
 }
 
 #[tokio::test]
-#[ignore = "bug: SIGTERM never stops a play whose batch in flight is on a frozen network: shutdown awaits the worker, whose batch has no bound"]
 async fn sigterm_stops_a_play_whose_network_froze_mid_batch() {
     let db = TestDb::new().await;
     let c = counters(&db, &["ft_batch"], 0.0, 0, "", "").await;
@@ -801,7 +826,6 @@ async fn sigterm_stops_a_play_whose_network_froze_mid_batch() {
 }
 
 #[tokio::test]
-#[ignore = "bug: SIGTERM waits for play's pending reconnect through a frozen network (up to 15 s) though nothing is in flight"]
 async fn sigterm_stops_a_play_reconnecting_through_a_frozen_network_at_once() {
     let db = TestDb::new().await;
     let c = counters(&db, &["ft_idle"], 0.0, 10, "", "").await;
@@ -847,7 +871,6 @@ async fn sigterm_stops_a_play_reconnecting_through_a_frozen_network_at_once() {
 }
 
 #[tokio::test]
-#[ignore = "bug: play hangs silently at start when the network freezes during its start-up checks (ensure_exists/validate are unbounded), and SIGTERM cannot stop it"]
 async fn play_whose_network_freezes_during_its_start_up_checks_notices_and_retries() {
     let db = TestDb::new().await;
     let c = counters(&db, &["fv_start"], 0.0, 10, "", "").await;
@@ -1138,7 +1161,6 @@ async fn play_rides_out_a_server_restart_and_every_event_lands_exactly_once() {
         play.log()
     );
     assert_exactly_once(&c, "fs_play", h, h).await;
-    eprintln!("TMPLOG {}", play.log());
     play.stop();
 }
 
@@ -1235,13 +1257,15 @@ async fn play_started_while_the_server_is_full_waits_for_a_free_connection() {
         position(&c, "fs_full").await == h
     })
     .await;
-    eprintln!(
-        "play played {:?} after connections were freed",
-        freed.elapsed()
+    let took = freed.elapsed();
+    eprintln!("play played {took:?} after connections were freed");
+    assert!(
+        took < Duration::from_secs(20),
+        "took {took:?}\n{}",
+        play.log()
     );
     play.assert_running();
     assert_exactly_once(&c, "fs_full", h, h).await;
-    eprintln!("TMPLOG {}", play.log());
     play.stop();
     drop(taken);
 }
@@ -1303,7 +1327,6 @@ async fn sighup_mid_batch_is_ignored_by_play_and_the_batch_commits() {
     )
     .await;
     assert_exactly_once(&c, "fh_hup", h, h).await;
-    eprintln!("TMPLOG {}", play.log());
     play.stop();
 }
 

@@ -1,4 +1,4 @@
-//! Gap safety against a real PostgreSQL (issue 3): no event is ever skipped
+//! Gap safety against a real PostgreSQL: no event is ever skipped
 //! because transactions commit out of order, with and without the store's
 //! transaction column; holes left by rolled-back inserts are passed promptly
 //! and recorded.

@@ -1,4 +1,4 @@
-//! `play`, the live runner, against a real PostgreSQL (issue 5): which
+//! `play`, the live runner, against a real PostgreSQL: which
 //! projectors it plays, near-time wake-ups, `on_error`, several runners,
 //! shutdown, metrics, deploys while it runs, and lost connections.
 //!

@@ -1,4 +1,4 @@
-//! Faults and hostile input (issue 9): bad event payloads, injection attempts,
+//! Faults and hostile input: bad event payloads, injection attempts,
 //! a connection killed mid-boot, passwords in URLs.
 
 use crate::harness::*;

@@ -1,4 +1,4 @@
-//! `reset` and `retire` against a real PostgreSQL (issue 6): rebuilds,
+//! `reset` and `retire` against a real PostgreSQL: rebuilds,
 //! confirmation, side effects, `from_now`, the retirement migration and its
 //! refusals, applying it with `migrate`, quoting, and rollback safety.
 

@@ -1,4 +1,4 @@
-//! `status` and `verify` against a real PostgreSQL (issue 4): every state and
+//! `status` and `verify` against a real PostgreSQL: every state and
 //! derived state in the table and in `--json`, lag in events and in time,
 //! `--max-lag`, the exit codes, the detail view, the footer, and a verify
 //! mismatch healed.
@@ -76,9 +76,10 @@ tables = ["old_log"]
 on.BandCreated = "INSERT INTO old_log (id) VALUES (:position)"
 "#;
 
-#[tokio::test]
-async fn status_shows_live_new_finished_booting_orphaned_and_retired_in_the_table_and_json() {
-    let db = TestDb::new().await;
+/// The example's projectors and five more over 500 events, booted into every
+/// state: band live; dancehall, event and userpreferences new (never booted);
+/// backfill finished; stuck booting; gone orphaned; old retired.
+async fn every_state(db: &TestDb) {
     db.client()
         .await
         .batch_execute(
@@ -88,7 +89,7 @@ async fn status_shows_live_new_finished_booting_orphaned_and_retired_in_the_tabl
         .await
         .unwrap();
     db.gen_events(500);
-    example_only(&db, &SQL_PROJECTORS, &format!("{ONCE_AND_OTHERS}\n{GOING}"));
+    example_only(db, &SQL_PROJECTORS, &format!("{ONCE_AND_OTHERS}\n{GOING}"));
     // dancehall, event and userpreferences are never booted: new.
     db.run(&["boot", "band", "backfill", "stuck", "gone", "old"])
         .expect(0);
@@ -100,7 +101,7 @@ async fn status_shows_live_new_finished_booting_orphaned_and_retired_in_the_tabl
     .await
     .unwrap();
     // gone and old leave the manifest; a boot records when it first saw them missing.
-    example_only(&db, &SQL_PROJECTORS, ONCE_AND_OTHERS);
+    example_only(db, &SQL_PROJECTORS, ONCE_AND_OTHERS);
     db.run(&["boot", "band"]).expect(0);
     let missing: i64 = db
         .count("SELECT count(*) FROM projectionist.projectors WHERE missing_since IS NOT NULL")
@@ -112,7 +113,10 @@ async fn status_shows_live_new_finished_booting_orphaned_and_retired_in_the_tabl
     )
     .await
     .unwrap();
+}
 
+/// `status` shows every state of [`every_state`] in its table.
+fn assert_every_state_in_the_table(db: &TestDb) {
     let run = db.run(&["status"]);
     run.expect(0);
     let rows = table_rows(&run.stdout);
@@ -188,7 +192,10 @@ async fn status_shows_live_new_finished_booting_orphaned_and_retired_in_the_tabl
         "{}",
         run.stdout
     );
+}
 
+/// `status --json` shows every state of [`every_state`].
+fn assert_every_state_in_the_json(db: &TestDb) {
     let run = db.run(&["status", "--json"]);
     run.expect(0);
     let json: Value = serde_json::from_str(&run.stdout).unwrap();
@@ -240,26 +247,16 @@ async fn status_shows_live_new_finished_booting_orphaned_and_retired_in_the_tabl
 }
 
 #[tokio::test]
-async fn broken_and_stalled_exit_1_with_the_error_in_the_table_the_detail_and_verbose() {
+async fn status_shows_live_new_finished_booting_orphaned_and_retired_in_the_table_and_json() {
     let db = TestDb::new().await;
-    things(
-        &db,
-        100,
-        r#"
-[projectors.fragile]
-tables = ["thing_log"]
-on.Thing = "INSERT INTO thing_log (id, v) VALUES (:position, CASE WHEN :position = 50 THEN ('not a number at all: ' || repeat('x', 80) || :position)::int ELSE 1 END)"
+    every_state(&db).await;
+    assert_every_state_in_the_table(&db);
+    assert_every_state_in_the_json(&db);
+}
 
-[projectors.follower]
-tables = ["after_log"]
-after = ["fragile"]
-on.Thing = "INSERT INTO after_log (id) VALUES (:position)"
-"#,
-    )
-    .await;
-    db.run(&["boot", "--batch-size", "10"]).expect(1);
-    let long = format!("not a number at all: {}50", "x".repeat(80));
-
+/// `status` and `status -v` (the table) with fragile broken at #50 with the
+/// `long` error, and follower stalled behind it.
+fn assert_broken_and_stalled_in_the_table(db: &TestDb, long: &str) {
     let run = db.run(&["status"]);
     run.expect(1);
     assert!(run.stderr.contains("fragile is broken"), "{}", run.stderr);
@@ -280,38 +277,24 @@ on.Thing = "INSERT INTO after_log (id) VALUES (:position)"
     );
     // Cut short without -v.
     assert!(fragile.contains('…'), "{}", run.stdout);
-    assert!(!fragile.contains(&long), "{}", run.stdout);
+    assert!(!fragile.contains(long), "{}", run.stdout);
 
     // -v: the whole error, and a piped table is never wrapped.
     let run = db.run(&["status", "-v"]);
     run.expect(1);
     let fragile = line(&run.stdout, "fragile");
-    assert!(fragile.contains(&long), "{}", run.stdout);
+    assert!(fragile.contains(long), "{}", run.stdout);
     assert!(fragile.len() > 150, "{}", run.stdout);
     assert!(
         fragile.contains("#50 Thing: invalid input syntax"),
         "{}",
         run.stdout
     );
+}
 
-    let run = db.run(&["status", "--json"]);
-    run.expect(1);
-    let json: Value = serde_json::from_str(&run.stdout).unwrap();
-    let p = json_projector(&json, "fragile");
-    assert_eq!(p["state"], "broken");
-    assert_eq!(p["position"], 49);
-    assert_eq!(p["lag"], 51);
-    assert!(p["error"].as_str().unwrap().contains(&long), "{p}");
-    assert_eq!(p["error_position"], 50);
-    assert_eq!(p["error_type"], "Thing");
-    assert_eq!(json_projector(&json, "follower")["state"], "stalled");
-    assert!(
-        run.stderr.is_empty() || !run.stderr.contains("unhealthy"),
-        "--json keeps stderr quiet: {}",
-        run.stderr
-    );
-
-    // One projector in detail: its failures with position, type and error.
+/// `status NAME` and `status NAME --json` of fragile, broken at #50 with the
+/// `long` error: its failures with position, type and error.
+fn assert_broken_in_the_detail(db: &TestDb, long: &str) {
     let run = db.run(&["status", "fragile"]);
     run.expect(1);
     assert!(
@@ -336,7 +319,7 @@ on.Thing = "INSERT INTO after_log (id) VALUES (:position)"
         .unwrap_or_else(|| panic!("no failure at position 50 in\n{}", run.stdout));
     assert!(failure.contains("Thing"), "{failure}");
     assert!(failure.contains("boot"), "{failure}");
-    assert!(failure.contains(&long), "{failure}");
+    assert!(failure.contains(long), "{failure}");
 
     let run = db.run(&["status", "fragile", "--json"]);
     run.expect(1);
@@ -344,6 +327,50 @@ on.Thing = "INSERT INTO after_log (id) VALUES (:position)"
     assert_eq!(json["projector"]["state"], "broken");
     assert_eq!(json["failures"][0]["position"], 50);
     assert_eq!(json["failures"][0]["event_type"], "Thing");
+}
+
+#[tokio::test]
+async fn broken_and_stalled_exit_1_with_the_error_in_the_table_the_detail_and_verbose() {
+    let db = TestDb::new().await;
+    things(
+        &db,
+        100,
+        r#"
+[projectors.fragile]
+tables = ["thing_log"]
+on.Thing = "INSERT INTO thing_log (id, v) VALUES (:position, CASE WHEN :position = 50 THEN ('not a number at all: ' || repeat('x', 80) || :position)::int ELSE 1 END)"
+
+[projectors.follower]
+tables = ["after_log"]
+after = ["fragile"]
+on.Thing = "INSERT INTO after_log (id) VALUES (:position)"
+"#,
+    )
+    .await;
+    db.run(&["boot", "--batch-size", "10"]).expect(1);
+    let long = format!("not a number at all: {}50", "x".repeat(80));
+
+    assert_broken_and_stalled_in_the_table(&db, &long);
+
+    let run = db.run(&["status", "--json"]);
+    run.expect(1);
+    let json: Value = serde_json::from_str(&run.stdout).unwrap();
+    let p = json_projector(&json, "fragile");
+    assert_eq!(p["state"], "broken");
+    assert_eq!(p["position"], 49);
+    assert_eq!(p["lag"], 51);
+    assert!(p["error"].as_str().unwrap().contains(&long), "{p}");
+    assert_eq!(p["error_position"], 50);
+    assert_eq!(p["error_type"], "Thing");
+    assert_eq!(json_projector(&json, "follower")["state"], "stalled");
+    assert!(
+        run.stderr.is_empty() || !run.stderr.contains("unhealthy"),
+        "--json keeps stderr quiet: {}",
+        run.stderr
+    );
+
+    // One projector in detail: its failures with position, type and error.
+    assert_broken_in_the_detail(&db, &long);
 
     db.run(&["status", "follower"]).expect(1);
     let run = db.run(&["status", "nosuch"]);

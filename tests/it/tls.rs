@@ -1,4 +1,4 @@
-//! TLS (issue 9): `sslmode=verify-full` against a server with a self-signed
+//! TLS: `sslmode=verify-full` against a server with a self-signed
 //! certificate fails without `sslrootcert` and succeeds with it. Needs the
 //! throwaway cluster of scripts/test, which serves TLS with a test CA and
 //! exports PROJECTIONIST_TEST_SSLROOTCERT; against another server it is skipped.

@@ -135,7 +135,7 @@ async fn migrate(g: &cli::Global, args: cli::MigrateArgs) -> Result<ExitStatus> 
     let schema = if g.manifest.exists() {
         Manifest::load(&g.manifest)?.ledger_schema
     } else {
-        "projectionist".to_string()
+        projectionist::manifest::DEFAULT_LEDGER_SCHEMA.to_string()
     };
     let ledger = projectionist::ledger::Ledger::new(&schema);
     let applied =
