@@ -134,11 +134,12 @@ impl ProjectorStatus {
         }
     }
 
-    fn new_in_manifest(p: &Projector) -> ProjectorStatus {
+    /// A projector with nothing known of it but its name, mode and state.
+    pub(crate) fn blank(name: &str, mode: &str, state: ShownState) -> ProjectorStatus {
         ProjectorStatus {
-            name: p.name.clone(),
-            mode: p.mode.as_str().into(),
-            state: ShownState::New,
+            name: name.into(),
+            mode: mode.into(),
+            state,
             position: None,
             lag: None,
             behind_seconds: None,
@@ -149,10 +150,18 @@ impl ProjectorStatus {
             missing_since: None,
             waiting_for: Vec::new(),
             version: None,
-            side_effects: p.side_effects,
-            tables: p.tables.clone(),
+            side_effects: false,
+            tables: Vec::new(),
             events_processed: 0,
             late_events: Vec::new(),
+        }
+    }
+
+    fn new_in_manifest(p: &Projector) -> ProjectorStatus {
+        ProjectorStatus {
+            side_effects: p.side_effects,
+            tables: p.tables.clone(),
+            ..ProjectorStatus::blank(&p.name, p.mode.as_str(), ShownState::New)
         }
     }
 }
@@ -308,23 +317,11 @@ mod tests {
 
     fn shown(state: ShownState, lag: i64, behind: f64) -> ProjectorStatus {
         ProjectorStatus {
-            name: "p".into(),
-            mode: "from_beginning".into(),
-            state,
             position: Some(10),
             lag: Some(lag),
             behind_seconds: Some(behind),
-            updated_at: None,
-            error: None,
-            error_position: None,
-            error_type: None,
-            missing_since: None,
-            waiting_for: Vec::new(),
             version: Some(1),
-            side_effects: false,
-            tables: Vec::new(),
-            events_processed: 0,
-            late_events: Vec::new(),
+            ..ProjectorStatus::blank("p", "from_beginning", state)
         }
     }
 

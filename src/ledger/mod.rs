@@ -238,6 +238,61 @@ pub struct Advance<'a> {
     pub handled: i64,
 }
 
+/// A ledger record read from a row of a query (in the order of its columns).
+trait FromRow: Sized {
+    fn from_row(r: &Row) -> Result<Self>;
+}
+
+/// Runs a query and reads each row as a `T`; `what` says what it was doing.
+async fn select<T: FromRow>(
+    client: &impl GenericClient,
+    sql: &str,
+    params: &[&(dyn tokio_postgres::types::ToSql + Sync)],
+    what: &'static str,
+) -> Result<Vec<T>> {
+    client
+        .query(sql, params)
+        .await
+        .context(what)?
+        .iter()
+        .map(T::from_row)
+        .collect()
+}
+
+impl FromRow for HoleRow {
+    fn from_row(r: &Row) -> Result<HoleRow> {
+        Ok(HoleRow {
+            first_position: r.col(0)?,
+            last_position: r.col(1)?,
+            holes: r.col(2)?,
+            passed_at: r.col(3)?,
+        })
+    }
+}
+
+impl FromRow for FailureRow {
+    fn from_row(r: &Row) -> Result<FailureRow> {
+        Ok(FailureRow {
+            position: r.col(0)?,
+            event_type: r.col(1)?,
+            error: r.col(2)?,
+            run: r.col(3)?,
+            dead_letter: r.col(4)?,
+            at: r.col(5)?,
+        })
+    }
+}
+
+impl FromRow for LateEvent {
+    fn from_row(r: &Row) -> Result<LateEvent> {
+        Ok(LateEvent {
+            projector: r.col(0)?,
+            position: r.col(1)?,
+            event_type: r.col(2)?,
+        })
+    }
+}
+
 /// Where the ledger lives, and the SQL to reach it.
 #[derive(Clone, Debug)]
 pub struct Ledger {
@@ -371,31 +426,15 @@ impl Ledger {
     }
 
     pub async fn rows(&self, client: &impl GenericClient) -> Result<Vec<LedgerRow>> {
-        let rows = client
-            .query(
-                &format!(
-                    "SELECT {ROW_COLUMNS} FROM {} ORDER BY name",
-                    self.table("projectors")
-                ),
-                &[],
-            )
-            .await
-            .context("reading the ledger")?;
-        rows.iter().map(row).collect()
+        let sql = format!(
+            "SELECT {ROW_COLUMNS} FROM {} ORDER BY name",
+            self.table("projectors")
+        );
+        select(client, &sql, &[], "reading the ledger").await
     }
 
     pub async fn row(&self, client: &impl GenericClient, name: &str) -> Result<Option<LedgerRow>> {
-        let r = client
-            .query_opt(
-                &format!(
-                    "SELECT {ROW_COLUMNS} FROM {} WHERE name = $1",
-                    self.table("projectors")
-                ),
-                &[&name],
-            )
-            .await
-            .context("reading the ledger")?;
-        r.as_ref().map(row).transpose()
+        self.one_row(client, name, "").await
     }
 
     /// Locks a projector's row for the rest of the transaction and reads it:
@@ -406,17 +445,21 @@ impl Ledger {
         client: &impl GenericClient,
         name: &str,
     ) -> Result<Option<LedgerRow>> {
-        let r = client
-            .query_opt(
-                &format!(
-                    "SELECT {ROW_COLUMNS} FROM {} WHERE name = $1 FOR NO KEY UPDATE",
-                    self.table("projectors")
-                ),
-                &[&name],
-            )
-            .await
-            .context("reading the ledger")?;
-        r.as_ref().map(row).transpose()
+        self.one_row(client, name, " FOR NO KEY UPDATE").await
+    }
+
+    async fn one_row(
+        &self,
+        client: &impl GenericClient,
+        name: &str,
+        locking: &str,
+    ) -> Result<Option<LedgerRow>> {
+        let sql = format!(
+            "SELECT {ROW_COLUMNS} FROM {} WHERE name = $1{locking}",
+            self.table("projectors")
+        );
+        let rows: Vec<LedgerRow> = select(client, &sql, &[&name], "reading the ledger").await?;
+        Ok(rows.into_iter().next())
     }
 
     /// Records when projectors first went missing from the manifest, and
@@ -685,27 +728,12 @@ impl Ledger {
 
     /// The latest batches of holes a projector passed.
     pub async fn holes(&self, client: &impl GenericClient, name: &str) -> Result<Vec<HoleRow>> {
-        client
-            .query(
-                &format!(
-                    "SELECT first_position, last_position, (SELECT sum(x) FROM unnest(n) x)::bigint, passed_at \
-                     FROM {} WHERE projector = $1 ORDER BY first_position DESC LIMIT 10",
-                    self.table("holes")
-                ),
-                &[&name],
-            )
-            .await
-            .context("reading passed holes")?
-            .iter()
-            .map(|r| {
-                Ok(HoleRow {
-                    first_position: r.col(0)?,
-                    last_position: r.col(1)?,
-                    holes: r.col(2)?,
-                    passed_at: r.col(3)?,
-                })
-            })
-            .collect()
+        let sql = format!(
+            "SELECT first_position, last_position, (SELECT sum(x) FROM unnest(n) x)::bigint, passed_at \
+             FROM {} WHERE projector = $1 ORDER BY first_position DESC LIMIT 10",
+            self.table("holes")
+        );
+        select(client, &sql, &[&name], "reading passed holes").await
     }
 
     /// The last failures of a projector, newest first.
@@ -714,29 +742,12 @@ impl Ledger {
         client: &impl GenericClient,
         name: &str,
     ) -> Result<Vec<FailureRow>> {
-        client
-            .query(
-                &format!(
-                    "SELECT position, type, error, run, dead_letter, at FROM {} WHERE projector = $1 \
-                     ORDER BY at DESC, id DESC LIMIT 10",
-                    self.table("failures")
-                ),
-                &[&name],
-            )
-            .await
-            .context("reading failures")?
-            .iter()
-            .map(|r| {
-                Ok(FailureRow {
-                    position: r.col(0)?,
-                    event_type: r.col(1)?,
-                    error: r.col(2)?,
-                    run: r.col(3)?,
-                    dead_letter: r.col(4)?,
-                    at: r.col(5)?,
-                })
-            })
-            .collect()
+        let sql = format!(
+            "SELECT position, type, error, run, dead_letter, at FROM {} WHERE projector = $1 \
+             ORDER BY at DESC, id DESC LIMIT 10",
+            self.table("failures")
+        );
+        select(client, &sql, &[&name], "reading failures").await
     }
 
     /// Events that appeared inside holes the projectors had already passed:
@@ -771,19 +782,13 @@ impl Ledger {
             rel = shape.relation(),
             filter = shape.filter_expr(),
         );
-        client
-            .query(&sql, &[&names])
-            .await
-            .context("looking for events inside passed holes")?
-            .iter()
-            .map(|r| {
-                Ok(LateEvent {
-                    projector: r.col(0)?,
-                    position: r.col(1)?,
-                    event_type: r.col(2)?,
-                })
-            })
-            .collect()
+        select(
+            client,
+            &sql,
+            &[&names],
+            "looking for events inside passed holes",
+        )
+        .await
     }
 
     /// Remembers late events; returns those not seen before (to alert once).
@@ -798,48 +803,42 @@ impl Ledger {
         let names: Vec<&str> = late.iter().map(|l| l.projector.as_str()).collect();
         let positions: Vec<i64> = late.iter().map(|l| l.position).collect();
         let types: Vec<Option<&str>> = late.iter().map(|l| l.event_type.as_deref()).collect();
-        client
-            .query(
-                &format!(
-                    "INSERT INTO {} (projector, position, type) SELECT * FROM unnest($1::text[], $2::bigint[], $3::text[]) \
-                     ON CONFLICT DO NOTHING RETURNING projector, position, type",
-                    self.table("late_events")
-                ),
-                &[&names, &positions, &types],
-            )
-            .await
-            .context("recording late events")?
-            .iter()
-            .map(|r| {
-                Ok(LateEvent {
-                    projector: r.col(0)?,
-                    position: r.col(1)?,
-                    event_type: r.col(2)?,
-                })
-            })
-            .collect()
+        let sql = format!(
+            "INSERT INTO {} (projector, position, type) SELECT * FROM unnest($1::text[], $2::bigint[], $3::text[]) \
+             ON CONFLICT DO NOTHING RETURNING projector, position, type",
+            self.table("late_events")
+        );
+        select(
+            client,
+            &sql,
+            &[&names, &positions, &types],
+            "recording late events",
+        )
+        .await
     }
 }
 
-fn row(r: &Row) -> Result<LedgerRow> {
-    let mode: String = r.col(1)?;
-    let state: String = r.col(2)?;
-    Ok(LedgerRow {
-        name: r.col(0)?,
-        mode: Mode::parse(&mode).ok_or_else(|| altered(format!("unknown mode `{mode}`")))?,
-        state: State::parse(&state)?,
-        position: Position::from_parts(r.col(4)?, r.col(3)?)?,
-        event_time: r.col(5)?,
-        version: r.col(6)?,
-        side_effects: r.col(7)?,
-        tables: r.col(8)?,
-        events_processed: r.col(9)?,
-        error: r.col(10)?,
-        error_position: r.col(11)?,
-        error_type: r.col(12)?,
-        missing_since: r.col(13)?,
-        updated_at: r.col(14)?,
-    })
+impl FromRow for LedgerRow {
+    fn from_row(r: &Row) -> Result<LedgerRow> {
+        let mode: String = r.col(1)?;
+        let state: String = r.col(2)?;
+        Ok(LedgerRow {
+            name: r.col(0)?,
+            mode: Mode::parse(&mode).ok_or_else(|| altered(format!("unknown mode `{mode}`")))?,
+            state: State::parse(&state)?,
+            position: Position::from_parts(r.col(4)?, r.col(3)?)?,
+            event_time: r.col(5)?,
+            version: r.col(6)?,
+            side_effects: r.col(7)?,
+            tables: r.col(8)?,
+            events_processed: r.col(9)?,
+            error: r.col(10)?,
+            error_position: r.col(11)?,
+            error_type: r.col(12)?,
+            missing_since: r.col(13)?,
+            updated_at: r.col(14)?,
+        })
+    }
 }
 
 #[cfg(test)]

@@ -264,23 +264,13 @@ mod tests {
 
     fn projector(name: &str, state: ShownState) -> ProjectorStatus {
         ProjectorStatus {
-            name: name.into(),
-            mode: "from_beginning".into(),
-            state,
             position: Some(90),
             lag: Some(10),
             behind_seconds: Some(125.0),
-            updated_at: None,
-            error: None,
-            error_position: None,
-            error_type: None,
-            missing_since: None,
-            waiting_for: Vec::new(),
             version: Some(1),
-            side_effects: false,
             tables: vec!["band".into()],
             events_processed: 90,
-            late_events: Vec::new(),
+            ..ProjectorStatus::blank(name, "from_beginning", state)
         }
     }
 
