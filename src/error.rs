@@ -117,6 +117,14 @@ fn classify_sqlstate(code: &SqlState) -> Trouble {
     }
 }
 
+/// The SQLSTATE of the database error in a chain, if any.
+pub fn sqlstate(err: &anyhow::Error) -> Option<String> {
+    err.chain()
+        .find_map(|c| c.downcast_ref::<tokio_postgres::Error>())
+        .and_then(|pg| pg.code())
+        .map(|c| c.code().to_string())
+}
+
 /// The exit status an error asks for.
 pub fn exit_status(err: &anyhow::Error) -> ExitStatus {
     for cause in err.chain() {

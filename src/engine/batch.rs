@@ -18,7 +18,7 @@ use crate::failure::HandlerFailure;
 use crate::handlers::Runner;
 use crate::handlers::command::Delivery;
 use crate::handlers::sql::{BatchOutcome, CompiledProjector};
-use crate::ledger::{Advance, FailureKind, LockKey, Run, State};
+use crate::ledger::{Advance, FailureKind, LockKey, Record, Run, State, Subject};
 use crate::manifest::Projector;
 use crate::store::{PassedHoles, Position, StoreShape};
 
@@ -72,6 +72,8 @@ pub struct Player<'a> {
     /// Take the projector's lock for each batch (play). Boot and reset hold it
     /// for their whole run.
     pub lock_each_batch: bool,
+    /// The record the batches move: the live row, or a build's.
+    pub record: Record,
 }
 
 /// A batch in its transaction.
@@ -171,7 +173,7 @@ impl Player<'_> {
     /// Why the row is not this runner's to play any more, if it is not.
     async fn stale(&self, tx: &Transaction<'_>, from: Position) -> Result<Option<String>> {
         let p = self.projector;
-        let Some(row) = self.ctx.ledger.lock_row(tx, &p.name).await? else {
+        let Some(row) = self.ctx.ledger.lock_row(tx, &p.name, self.record).await? else {
             return Ok(Some("its ledger row is gone".into()));
         };
         Ok(if row.version != p.version {
@@ -191,10 +193,18 @@ impl Player<'_> {
         })
     }
 
-    fn advance(&self, from: Position, to: Position, handled: i64) -> Advance<'_> {
-        Advance {
+    /// Whose record the batches move.
+    pub fn subject(&self) -> Subject<'_> {
+        Subject {
             name: &self.projector.name,
             version: self.projector.version,
+            record: self.record,
+        }
+    }
+
+    fn advance(&self, from: Position, to: Position, handled: i64) -> Advance<'_> {
+        Advance {
+            subject: self.subject(),
             from,
             to,
             event_time: None,
@@ -210,11 +220,16 @@ impl Player<'_> {
     }
 
     async fn move_to(&self, open: &Open<'_>, to: Position, handled: i64) -> Result<()> {
-        let name = &self.projector.name;
         if let Some(holes) = open.range.holes {
             self.ctx
                 .ledger
-                .record_holes(&open.tx, self.shape, name, (open.range.from, to), holes)
+                .record_holes(
+                    &open.tx,
+                    self.shape,
+                    &self.subject(),
+                    (open.range.from, to),
+                    holes,
+                )
                 .await?;
         }
         let time = if to == open.range.to {
@@ -273,7 +288,6 @@ impl Player<'_> {
         handled: i64,
         failure: Box<HandlerFailure>,
     ) -> Result<Batch> {
-        let name = &self.projector.name;
         let kind = match open.on_failure {
             OnFailure::Break => FailureKind::Broken,
             OnFailure::Retry => FailureKind::Retried,
@@ -281,7 +295,7 @@ impl Player<'_> {
         };
         self.ctx
             .ledger
-            .record_failure(&open.tx, name, self.run, &failure, kind)
+            .record_failure(&open.tx, &self.subject(), self.run, &failure, kind)
             .await?;
         let mut kept = kept;
         if open.on_failure == OnFailure::Skip {

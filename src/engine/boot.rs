@@ -25,7 +25,7 @@ use crate::engine::batch::{Batch, OnFailure, Player, Range};
 use crate::error::Failure;
 use crate::failure::HandlerFailure;
 use crate::handlers::Runner;
-use crate::ledger::{LateEvent, LedgerRow, LockKey, Run, State};
+use crate::ledger::{LateEvent, LedgerRow, LockKey, Record, Run, State, Subject};
 use crate::manifest::{Manifest, Mode, Projector};
 use crate::report::progress::{Progress, ProjectorProgress};
 use crate::store::{Plan, Position, Reader, StoreShape};
@@ -46,6 +46,13 @@ pub struct BootOptions {
     pub run: Run,
     /// New projectors to boot on top of the rows their tables already hold.
     pub adopt: Vec<String>,
+    /// Projectors to rebuild from scratch whatever their version (reset).
+    pub rebuild: Vec<String>,
+    /// Rebuild in place (empty the tables and replay), even projectors that
+    /// rebuild beside their live tables.
+    pub in_place: bool,
+    /// Rebuild side-effecting projectors too (their side effects run again).
+    pub allow_side_effects: bool,
 }
 
 impl Default for BootOptions {
@@ -60,6 +67,9 @@ impl Default for BootOptions {
             writer_wait: Duration::from_secs(60),
             run: Run::Boot,
             adopt: Vec::new(),
+            rebuild: Vec::new(),
+            in_place: false,
+            allow_side_effects: false,
         }
     }
 }
@@ -72,7 +82,8 @@ pub enum Action {
     New,
     /// Interrupted, broken or stalled: resumed from its position.
     Resume,
-    /// Its manifest version went up: reset, then replayed.
+    /// Its manifest version went up (or a reset asked for it): rebuilt from
+    /// scratch, beside the live tables or in place.
     Rebuild,
 }
 
@@ -118,6 +129,8 @@ pub struct BootReport {
     pub held_back: Option<String>,
     /// Events that appeared inside holes the booted projectors had passed.
     pub late_events: Vec<LateEvent>,
+    /// The versions built beside the live ones and swapped in.
+    pub swaps: Vec<crate::engine::rebuild::Swapped>,
 }
 
 impl BootReport {
@@ -172,7 +185,8 @@ pub async fn boot(ctx: &Context, opts: BootOptions, progress: &Progress) -> Resu
         .note_missing(&control, &ctx.manifest.names())
         .await?;
 
-    let plan = select(&ctx.manifest, &opts.names, &rows)?;
+    let plan = select(&ctx.manifest, &opts, &rows)?;
+    warn_older_manifest(ctx, &rows);
     let new: Vec<&Projector> = plan
         .iter()
         .filter(|s| {
@@ -189,6 +203,9 @@ pub async fn boot(ctx: &Context, opts: BootOptions, progress: &Progress) -> Resu
     let names: Vec<String> = plan.iter().map(|s| s.projector.name.clone()).collect();
     let run = opts.run;
     let mut report = run_plan(ctx, shape.clone(), plan, opts, progress, &control).await?;
+    if report.broken.is_none() {
+        report.swaps = swap_built(ctx, &mut control, &mut report).await?;
+    }
     ctx.locks.unlock(&control, LockKey::Boot).await.ok();
 
     if !names.is_empty() {
@@ -212,6 +229,86 @@ pub async fn boot(ctx: &Context, opts: BootOptions, progress: &Progress) -> Resu
         report.alert_error = crate::engine::alert::send(ctx, &doc).await.err();
     }
     Ok(report)
+}
+
+/// Swaps in the versions this boot built beside the live ones: projectors
+/// linked by `after` together, in one transaction.
+async fn swap_built(
+    ctx: &Context,
+    control: &mut Client,
+    report: &mut BootReport,
+) -> Result<Vec<crate::engine::rebuild::Swapped>> {
+    let built: Vec<&Projector> = report
+        .projectors
+        .iter()
+        .filter(|o| o.state == State::Built)
+        .filter_map(|o| ctx.manifest.projector(&o.name))
+        .collect();
+    let mut swaps = Vec::new();
+    for group in linked_groups(&built) {
+        let mut members = Vec::new();
+        for p in &group {
+            let incoming = ctx.ledger.build(&*control, &p.name).await?.ok_or_else(|| {
+                anyhow::anyhow!("the build of projector `{}` went missing", p.name)
+            })?;
+            members.push(crate::engine::rebuild::Member {
+                projector: p,
+                incoming,
+                state: crate::engine::rebuild::done_state(p.mode),
+            });
+        }
+        let swapped = crate::engine::rebuild::swap(ctx, control, &members).await?;
+        for o in report.projectors.iter_mut() {
+            if let Some(m) = members.iter().find(|m| m.projector.name == o.name) {
+                o.state = m.state;
+            }
+        }
+        swaps.push(swapped);
+    }
+    Ok(swaps)
+}
+
+/// The projectors in groups linked by `after` (each group swaps together).
+fn linked_groups<'a>(projectors: &[&'a Projector]) -> Vec<Vec<&'a Projector>> {
+    let mut groups: Vec<Vec<&'a Projector>> = Vec::new();
+    for p in projectors {
+        let linked: Vec<usize> = groups
+            .iter()
+            .enumerate()
+            .filter(|(_, g)| {
+                g.iter()
+                    .any(|q| q.after.contains(&p.name) || p.after.contains(&q.name))
+            })
+            .map(|(i, _)| i)
+            .collect();
+        let mut merged = vec![*p];
+        for i in linked.into_iter().rev() {
+            merged.extend(groups.remove(i));
+        }
+        groups.push(merged);
+    }
+    groups
+}
+
+/// A deploy rolled back to a manifest whose version of a projector is older
+/// than the live one: play leaves it alone; `rollback` brings it back.
+fn warn_older_manifest(ctx: &Context, rows: &HashMap<String, LedgerRow>) {
+    for p in &ctx.manifest.projectors {
+        if let Some(r) = rows.get(&p.name)
+            && p.version < r.version
+        {
+            tracing::warn!(
+                "projector `{}` is live at version {} and {} says version {}: play leaves it alone; \
+                 `projectionist rollback {}` swaps version {} back in (if it is kept)",
+                p.name,
+                r.version,
+                ctx.manifest.path.display(),
+                p.version,
+                p.name,
+                p.version
+            );
+        }
+    }
 }
 
 /// Plays every selected projector (at most `jobs` at once) while the control
@@ -283,6 +380,7 @@ async fn run_plan(
         alert_error: None,
         held_back: None,
         late_events: Vec::new(),
+        swaps: Vec::new(),
     };
     let mut first_error = None;
     loop {
@@ -329,16 +427,17 @@ async fn run_plan(
     Ok(report)
 }
 
-/// The projectors to boot, with why, in dependency order. `names` limits
-/// the selection (empty: all).
+/// The projectors to boot, with why, in dependency order. `opts.names`
+/// limits the selection (empty: all); `opts.rebuild` are rebuilt whatever
+/// their version.
 pub fn select(
     manifest: &Manifest,
-    names: &[String],
+    opts: &BootOptions,
     rows: &HashMap<String, LedgerRow>,
 ) -> Result<Vec<Selected>> {
     let mut plan = Vec::new();
     for p in &manifest.projectors {
-        if !names.is_empty() && !names.contains(&p.name) {
+        if !opts.names.is_empty() && !opts.names.contains(&p.name) {
             continue;
         }
         let row = rows.get(&p.name);
@@ -355,7 +454,17 @@ pub fn select(
                 ))
                 .into());
             }
-            Some(r) if p.version > r.version => Action::Rebuild,
+            Some(r) if p.version > r.version || opts.rebuild.contains(&p.name) => {
+                if p.side_effects && !opts.allow_side_effects {
+                    return Err(Failure::Usage(format!(
+                        "projector `{}` has side effects: rebuilding it (version {} → {}) replays them (every email sent again)\n  \
+                         if that is what you want, pass --allow-side-effects; otherwise keep its version at {}",
+                        p.name, r.version, p.version, r.version
+                    ))
+                    .into());
+                }
+                Action::Rebuild
+            }
             Some(r) if matches!(r.state, State::Booting | State::Broken | State::Stalled) => {
                 Action::Resume
             }
@@ -431,21 +540,44 @@ impl Booting<'_> {
         }
     }
 
+    /// Whether this boot builds the projector beside its live tables.
+    fn builds_beside(&self) -> bool {
+        self.action == Action::Rebuild
+            && !self.shared.opts.in_place
+            && crate::engine::rebuild::beside(self.p)
+    }
+
     async fn run(self) -> Result<TaskEnd> {
         let ctx = self.ctx;
+        let name = &self.p.name;
+        let build = self.builds_beside();
         let mut client = ctx.connect("boot", Session::Holder).await?;
+        // A build leaves the live version to play: it locks only the build.
+        let key = if build {
+            LockKey::Build(name)
+        } else {
+            LockKey::Projector(name)
+        };
         ctx.locks
-            .lock(
-                &ctx.database,
-                &client,
-                LockKey::Projector(&self.p.name),
-                self.shared.opts.lock_timeout,
-            )
+            .lock(&ctx.database, &client, key, self.shared.opts.lock_timeout)
             .await?;
         if self.shared.abort.is_cancelled() {
-            return self.stall_before_start(&client).await;
+            return self.stall_before_start(&client, build).await;
         }
-        let start = self.prepare(&mut client).await?;
+        let (record, start) = if build {
+            let (id, start) = crate::engine::rebuild::start_build(
+                ctx,
+                &self.shared.shape,
+                &mut client,
+                self.p,
+                self.shared.opts.writer_wait,
+            )
+            .await?;
+            crate::engine::rebuild::enter_build_schema(ctx, &client).await?;
+            (Record::Build(id), start)
+        } else {
+            (Record::Live, self.prepare(&mut client).await?)
+        };
         self.publish(start);
         let mut progress = Playing {
             pos: start,
@@ -454,23 +586,36 @@ impl Booting<'_> {
             last_hold_note: Instant::now(),
             held_back: None,
         };
-        let end = self.play_to_head(&mut client, &mut progress).await?;
+        let end = self
+            .play_to_head(&mut client, record, &mut progress)
+            .await?;
         let events = progress.events;
         match end {
             Ended::Broken(kept, failure) => {
-                self.bar.finish("broken");
+                self.bar.finish(if build {
+                    "broken (the build)"
+                } else {
+                    "broken"
+                });
                 Ok(TaskEnd::Broken(
                     self.outcome(State::Broken, kept, events),
                     *failure,
                 ))
             }
             Ended::State(state) => {
-                ctx.ledger.set_state(&client, &self.p.name, state).await?;
-                ctx.locks
-                    .unlock(&client, LockKey::Projector(&self.p.name))
-                    .await
-                    .ok();
-                let position = *self.shared.positions[&self.p.name].borrow();
+                // A build at the head waits to be swapped in.
+                let state = match state {
+                    State::Live | State::Finished if build => State::Built,
+                    other => other,
+                };
+                let subject = Subject {
+                    name,
+                    version: self.p.version,
+                    record,
+                };
+                ctx.ledger.set_state(&client, &subject, state).await?;
+                ctx.locks.unlock(&client, key).await.ok();
+                let position = *self.shared.positions[name].borrow();
                 let mut outcome = self.outcome(state, position.0, events);
                 outcome.held_back = progress.held_back;
                 self.bar.finish(state.as_str());
@@ -482,10 +627,20 @@ impl Booting<'_> {
         }
     }
 
-    /// Another projector broke before this one started: it is stalled where it is.
-    async fn stall_before_start(&self, client: &Client) -> Result<TaskEnd> {
+    /// Another projector broke before this one started: it is stalled where
+    /// it is (a build's live version is left as it is).
+    async fn stall_before_start(&self, client: &Client, build: bool) -> Result<TaskEnd> {
         let ctx = self.ctx;
+        let name = &self.p.name;
         let mut position = self.row.as_ref().map(|r| r.position).unwrap_or_default();
+        if build {
+            self.bar.finish("stalled");
+            let mut outcome = self.outcome(State::Stalled, position, 0);
+            outcome.held_back = Some(format!(
+                "the build of `{name}` did not start: its live version stays"
+            ));
+            return Ok(TaskEnd::Stalled(outcome));
+        }
         if self.row.is_none() {
             let (start, time) = crate::engine::start::start_position(
                 &self.shared.shape,
@@ -497,8 +652,13 @@ impl Booting<'_> {
             ctx.ledger.start(client, self.p, start, time).await?;
             position = start;
         }
+        let subject = Subject {
+            name,
+            version: self.p.version,
+            record: Record::Live,
+        };
         ctx.ledger
-            .set_state(client, &self.p.name, State::Stalled)
+            .set_state(client, &subject, State::Stalled)
             .await?;
         self.bar.finish("stalled");
         Ok(TaskEnd::Stalled(self.outcome(State::Stalled, position, 0)))
@@ -538,7 +698,12 @@ impl Booting<'_> {
     }
 
     /// Plays batches until the head (or what holds it back), a failure, or an abort.
-    async fn play_to_head(&self, client: &mut Client, progress: &mut Playing) -> Result<Ended> {
+    async fn play_to_head(
+        &self,
+        client: &mut Client,
+        record: Record,
+        progress: &mut Playing,
+    ) -> Result<Ended> {
         let ctx = self.ctx;
         let shared = self.shared;
         let shape = &shared.shape;
@@ -558,6 +723,7 @@ impl Booting<'_> {
             run: shared.opts.run,
             state: State::Booting,
             lock_each_batch: false,
+            record,
         };
         let mut reader = Reader::knowing_holes(ctx.ledger.known_holes_sql());
         let mut target = Target::default();
@@ -821,7 +987,7 @@ mod tests {
         );
         let plan = select(
             &m,
-            &[],
+            &BootOptions::default(),
             &rows(vec![
                 row("live", State::Live, 1),
                 row("broken", State::Broken, 1),
@@ -848,10 +1014,19 @@ mod tests {
     fn names_limit_the_selection_and_retired_projectors_are_refused() {
         let m =
             manifest("[projectors.a]\non.A = \"SELECT 1\"\n[projectors.b]\non.A = \"SELECT 1\"\n");
-        let plan = select(&m, &["b".into()], &HashMap::new()).unwrap();
+        let only_b = BootOptions {
+            names: vec!["b".into()],
+            ..Default::default()
+        };
+        let plan = select(&m, &only_b, &HashMap::new()).unwrap();
         assert_eq!(plan.len(), 1);
         assert_eq!(plan[0].projector.name, "b");
-        let err = select(&m, &[], &rows(vec![row("a", State::Retired, 1)])).unwrap_err();
+        let err = select(
+            &m,
+            &BootOptions::default(),
+            &rows(vec![row("a", State::Retired, 1)]),
+        )
+        .unwrap_err();
         assert_eq!(
             crate::error::exit_status(&err),
             crate::error::ExitStatus::Usage

@@ -9,6 +9,7 @@
 //! - [`reset`]: rebuild projectors from scratch.
 //! - [`verify`]: the consistency checks, compared at each projector's position.
 //! - [`retire`]: the migration that removes a projector.
+//! - [`rebuild`]: rebuilds beside the live tables, the swap, `rollback`, `prune`.
 //! - [`init`], [`notify`]: the starter files; the NOTIFY trigger migration.
 //!
 //! Shared pieces: [`batch`] (one batch in one transaction), [`start`] (where
@@ -23,6 +24,7 @@ pub mod late;
 pub mod migrate;
 pub mod notify;
 pub mod play;
+pub mod rebuild;
 pub mod reset;
 pub mod retire;
 pub mod start;

@@ -32,7 +32,7 @@ use crate::engine::batch::{Batch, OnFailure, Player, Range};
 use crate::error::{Trouble, trouble};
 use crate::failure::HandlerFailure;
 use crate::handlers::Runner;
-use crate::ledger::{LockKey, Run, State};
+use crate::ledger::{LockKey, Record, Run, State};
 use crate::manifest::{OnError, Projector};
 use crate::report::metrics::Metrics;
 use crate::store::{Plan, Position, Reader, StoreShape};
@@ -541,6 +541,7 @@ impl Worker {
             run: Run::Play,
             state: State::Live,
             lock_each_batch: true,
+            record: Record::Live,
         };
         let range = Range {
             from: pos,

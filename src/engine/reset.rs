@@ -1,8 +1,14 @@
-//! `reset`: rebuild projectors from scratch. Holding the projector's lock so
-//! a runner cannot interleave, empty its owned tables (or run its `reset`
-//! SQL) and put its position back to the start (the head for `from_now`),
-//! state `booting`, in one transaction; then replay it as boot does. Several
-//! projectors are reset independently: one failing leaves the others done.
+//! `reset`: rebuild projectors from scratch.
+//!
+//! By default an SQL projector is rebuilt beside its live tables and swapped
+//! in (see [`crate::engine::rebuild`]): readers keep the old read model until
+//! the new one is complete. In place (`--in-place`, `--no-replay`,
+//! `rebuild = "in_place"`, command projectors): holding the projector's lock
+//! so a runner cannot interleave, its owned tables are emptied (or its `reset`
+//! SQL runs) and its position put back to the start (the head for
+//! `from_now`), state `booting`, in one transaction; then it replays as boot
+//! does. Several projectors are reset independently: one failing leaves the
+//! others done.
 
 use anyhow::Result;
 
@@ -17,8 +23,11 @@ use crate::store::StoreShape;
 #[derive(Clone, Debug)]
 pub struct ResetOptions {
     pub allow_side_effects: bool,
-    /// Leave the replay to the next boot.
+    /// Leave the replay to the next boot (in place).
     pub no_replay: bool,
+    /// Empty the tables and replay where they are, even for a projector that
+    /// rebuilds beside its live tables.
+    pub in_place: bool,
     pub boot: BootOptions,
 }
 
@@ -64,13 +73,32 @@ pub async fn reset(
     let shape = crate::engine::validate::validate(&ctx.manifest, &mut control).await?;
     let mut outcomes = Vec::new();
     for name in names {
-        reset_one(ctx, &shape, name, opts).await?;
+        let p = ctx.projector(name)?;
+        // Beside a live version that keeps serving; a projector that has none
+        // (never booted, retired) starts over in place.
+        let serving = ctx
+            .ledger
+            .row(&control, name)
+            .await?
+            .is_some_and(|r| r.state != crate::ledger::State::Retired);
+        let beside =
+            serving && !opts.in_place && !opts.no_replay && crate::engine::rebuild::beside(p);
+        if !beside {
+            reset_one(ctx, &shape, name, opts).await?;
+        }
         let replay = if opts.no_replay {
             None
         } else {
             let b = BootOptions {
                 names: vec![name.clone()],
                 run: Run::Reset,
+                rebuild: if beside {
+                    vec![name.clone()]
+                } else {
+                    Vec::new()
+                },
+                in_place: !beside,
+                allow_side_effects: opts.allow_side_effects,
                 ..opts.boot.clone()
             };
             Some(boot::boot(ctx, b, progress).await?)

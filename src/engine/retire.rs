@@ -82,6 +82,30 @@ pub async fn retire(
     for t in &row.tables {
         sql.push_str(&format!("DROP TABLE IF EXISTS {};\n", quote_qualified(t)));
     }
+    // Its other versions: a build under way, previous versions kept for rollback.
+    let versions: Vec<_> = ctx
+        .ledger
+        .versions(client)
+        .await?
+        .into_iter()
+        .filter(|v| v.projector == name)
+        .collect();
+    for v in &versions {
+        for t in &v.stored {
+            sql.push_str(&format!(
+                "DROP TABLE IF EXISTS {}; -- version {}\n",
+                quote_qualified(t),
+                v.version
+            ));
+        }
+    }
+    if !versions.is_empty() {
+        sql.push_str(&format!(
+            "DELETE FROM {} WHERE projector = {};\n",
+            ctx.ledger.table("versions"),
+            quote_literal(name)
+        ));
+    }
     if row.side_effects {
         sql.push_str(&format!(
             "UPDATE {projectors} SET state = 'retired', updated_at = now() WHERE name = {};\n",

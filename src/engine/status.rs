@@ -11,7 +11,7 @@ use chrono::{DateTime, Utc};
 use tokio_postgres::Client;
 
 use crate::engine::Context;
-use crate::ledger::{FailureRow, HoleRow, LateEvent, LedgerRow, State};
+use crate::ledger::{FailureRow, HoleRow, Kind, LateEvent, LedgerRow, State, VersionRow};
 use crate::manifest::Projector;
 use crate::store::{Holder, StoreShape};
 
@@ -70,6 +70,39 @@ pub struct ProjectorStatus {
     pub events_processed: i64,
     /// Events that appeared inside holes it had passed: never applied.
     pub late_events: Vec<LateEvent>,
+    /// A new version being built beside the live one.
+    pub build: Option<BuildStatus>,
+    /// Previous versions kept for `rollback` (until `prune`).
+    pub kept_versions: Vec<i32>,
+}
+
+/// A version being built beside the live one.
+#[derive(Clone, Debug, serde::Serialize)]
+pub struct BuildStatus {
+    pub version: i32,
+    /// booting, built (waiting to be swapped in), broken or stalled.
+    pub state: String,
+    pub position: i64,
+    pub lag: i64,
+    /// At the build's pace so far.
+    pub eta_seconds: Option<f64>,
+    pub error: Option<String>,
+}
+
+impl BuildStatus {
+    fn of(v: &VersionRow, head: i64, now: DateTime<Utc>) -> BuildStatus {
+        let done = (v.position.id - v.start_position) as f64;
+        let secs = (now - v.started_at).num_milliseconds() as f64 / 1000.0;
+        let lag = (head - v.position.id).max(0);
+        BuildStatus {
+            version: v.version,
+            state: v.state.clone(),
+            position: v.position.id,
+            lag,
+            eta_seconds: (done > 0.0 && secs > 0.0).then(|| lag as f64 / (done / secs)),
+            error: v.error.clone(),
+        }
+    }
 }
 
 #[derive(Clone, Debug, serde::Serialize)]
@@ -154,6 +187,8 @@ impl ProjectorStatus {
             tables: Vec::new(),
             events_processed: 0,
             late_events: Vec::new(),
+            build: None,
+            kept_versions: Vec::new(),
         }
     }
 
@@ -190,6 +225,7 @@ pub async fn status(ctx: &Context, client: &Client) -> Result<StatusReport> {
     };
     let holding = crate::store::reader::holders(&shape, client).await?;
     let late = crate::engine::late::find(ctx, &shape, client, &[]).await?;
+    let versions = ctx.ledger.versions(client).await?;
     let now = Utc::now();
     let head = Head {
         position: head_pos,
@@ -216,6 +252,12 @@ pub async fn status(ctx: &Context, client: &Client) -> Result<StatusReport> {
             .filter(|l| l.projector == r.name)
             .cloned()
             .collect();
+        for v in versions.iter().filter(|v| v.projector == r.name) {
+            match v.kind {
+                Kind::Build => s.build = Some(BuildStatus::of(v, head_pos, now)),
+                Kind::Previous => s.kept_versions.push(v.version),
+            }
+        }
         projectors.push(s);
     }
     // Manifest order first, then the ledger's others by name.
@@ -294,6 +336,8 @@ fn from_row(
         tables: r.tables.clone(),
         events_processed: r.events_processed,
         late_events: Vec::new(),
+        build: None,
+        kept_versions: Vec::new(),
     }
 }
 

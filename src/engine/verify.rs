@@ -124,6 +124,7 @@ pub async fn verify(
         let opts = crate::engine::reset::ResetOptions {
             allow_side_effects: false,
             no_replay: false,
+            in_place: false,
             boot: Default::default(),
         };
         crate::engine::reset::reset(ctx, &failing, &opts, progress).await?;

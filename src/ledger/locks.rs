@@ -23,6 +23,9 @@ pub enum LockKey<'a> {
     /// The runner that plays a projector (session lock on that projector's
     /// own connection, held while it plays): one runner per projector.
     Owner(&'a str),
+    /// A projector's version being built beside the live one (held while it
+    /// builds; play goes on playing the live version meanwhile).
+    Build(&'a str),
 }
 
 impl LockKey<'_> {
@@ -32,6 +35,7 @@ impl LockKey<'_> {
             LockKey::Migrate => "migrate".into(),
             LockKey::Projector(name) => format!("projector:{name}"),
             LockKey::Owner(name) => format!("owner:{name}"),
+            LockKey::Build(name) => format!("build:{name}"),
         }
     }
 
@@ -42,6 +46,7 @@ impl LockKey<'_> {
             LockKey::Migrate => "migrate".into(),
             LockKey::Projector(name) => format!("projector `{name}`"),
             LockKey::Owner(name) => format!("the runner of projector `{name}`"),
+            LockKey::Build(name) => format!("the build of projector `{name}`"),
         }
     }
 }
@@ -107,6 +112,19 @@ impl Locks {
             .await
             .context("taking an advisory lock")?
             .col(0)
+    }
+
+    /// Takes a transaction-level lock, waiting for it (bounded by the
+    /// transaction's `lock_timeout`).
+    pub async fn xact_lock(&self, client: &impl GenericClient, key: LockKey<'_>) -> Result<()> {
+        client
+            .execute(
+                "SELECT pg_advisory_xact_lock(hashtext($1), hashtext($2))",
+                &[&self.namespace, &key.text()],
+            )
+            .await
+            .with_context(|| format!("waiting for {}", key.what()))?;
+        Ok(())
     }
 
     pub async fn unlock(&self, client: &impl GenericClient, key: LockKey<'_>) -> Result<()> {

@@ -7,12 +7,14 @@
 //! embedded in the binary, with the schema name of `[ledger] schema`.
 
 pub mod locks;
+pub mod versions;
 
 use anyhow::{Context, Result};
 use chrono::{DateTime, Utc};
 use tokio_postgres::{GenericClient, Row};
 
 pub use locks::{LockHolder, LockKey, Locks};
+pub use versions::{Kind, VersionRow};
 
 use crate::db::{RowExt, quote_ident};
 use crate::error::Failure;
@@ -27,6 +29,7 @@ const MIGRATIONS: &[(&str, &str)] = &[
         "V2__holes_per_projector",
         include_str!("migrations/V2__holes_per_projector.sql"),
     ),
+    ("V3__versions", include_str!("migrations/V3__versions.sql")),
 ];
 
 /// The columns of `projectors` projectionist reads and writes, with their types.
@@ -53,7 +56,7 @@ const PROJECTOR_COLUMNS: &[(&str, &str)] = &[
 ];
 
 /// The ledger's tables, for checking that none was dropped.
-const TABLES: [&str; 4] = ["projectors", "failures", "holes", "late_events"];
+const TABLES: [&str; 5] = ["projectors", "failures", "holes", "late_events", "versions"];
 
 /// The states that have a ledger row.
 #[derive(Clone, Copy, Debug, PartialEq, Eq, serde::Serialize)]
@@ -65,6 +68,8 @@ pub enum State {
     Broken,
     Stalled,
     Retired,
+    /// A version built beside the live one, at the head, waiting to be swapped in.
+    Built,
 }
 
 impl State {
@@ -76,6 +81,7 @@ impl State {
             State::Broken => "broken",
             State::Stalled => "stalled",
             State::Retired => "retired",
+            State::Built => "built",
         }
     }
 
@@ -87,6 +93,7 @@ impl State {
             "broken" => State::Broken,
             "stalled" => State::Stalled,
             "retired" => State::Retired,
+            "built" => State::Built,
             other => return Err(altered(format!("unknown state `{other}`"))),
         })
     }
@@ -224,12 +231,27 @@ pub struct LateEvent {
     pub event_type: Option<String>,
 }
 
+/// The ledger record a run moves: a projector's live row, or the row of the
+/// version being built beside it (its `versions.id`).
+#[derive(Clone, Copy, Debug, PartialEq, Eq)]
+pub enum Record {
+    Live,
+    Build(i64),
+}
+
+/// Whose record: the projector, the version its runner plays (its
+/// handlers), and which of its records.
+#[derive(Clone, Copy, Debug)]
+pub struct Subject<'a> {
+    pub name: &'a str,
+    pub version: i32,
+    pub record: Record,
+}
+
 /// A move of a projector's position, guarded by where it was and its version.
 #[derive(Clone, Copy, Debug)]
 pub struct Advance<'a> {
-    pub name: &'a str,
-    /// The version the runner plays (its handlers).
-    pub version: i32,
+    pub subject: Subject<'a>,
     pub from: Position,
     pub to: Position,
     /// The time of the event at `to`, if the store has one.
@@ -302,6 +324,10 @@ pub struct Ledger {
 
 const ROW_COLUMNS: &str = "name, mode, state, position, tx::text, event_time, version, side_effects, tables, \
      events_processed, error, error_position, error_type, missing_since, updated_at";
+
+/// The same columns, of a version being built.
+const BUILD_ROW_COLUMNS: &str = "projector, mode, state, position, tx::text, event_time, version, false, tables, \
+     events_processed, error, error_position, error_type, NULL::timestamptz, updated_at";
 
 impl Ledger {
     pub fn new(schema: &str) -> Ledger {
@@ -437,15 +463,28 @@ impl Ledger {
         self.one_row(client, name, "").await
     }
 
-    /// Locks a projector's row for the rest of the transaction and reads it:
-    /// a batch starts here, so it sees the row as it is and nobody changes
-    /// it (a rebuild, a reset) until the batch commits.
+    /// Locks a projector's record (its live row, or its build's) for the rest
+    /// of the transaction and reads it: a batch starts here, so it sees the
+    /// record as it is and nobody changes it (a rebuild, a reset, a swap)
+    /// until the batch commits.
     pub async fn lock_row(
         &self,
         client: &impl GenericClient,
         name: &str,
+        record: Record,
     ) -> Result<Option<LedgerRow>> {
-        self.one_row(client, name, " FOR NO KEY UPDATE").await
+        match record {
+            Record::Live => self.one_row(client, name, " FOR NO KEY UPDATE").await,
+            Record::Build(id) => {
+                let sql = format!(
+                    "SELECT {BUILD_ROW_COLUMNS} FROM {} WHERE id = $1 AND kind = 'build' FOR NO KEY UPDATE",
+                    self.table("versions")
+                );
+                let rows: Vec<LedgerRow> =
+                    select(client, &sql, &[&id], "reading a build's ledger row").await?;
+                Ok(rows.into_iter().next())
+            }
+        }
     }
 
     async fn one_row(
@@ -460,6 +499,18 @@ impl Ledger {
         );
         let rows: Vec<LedgerRow> = select(client, &sql, &[&name], "reading the ledger").await?;
         Ok(rows.into_iter().next())
+    }
+
+    /// The table and condition (on `$1`, text) of a subject's record.
+    fn target(&self, s: &Subject<'_>) -> (String, &'static str, String) {
+        match s.record {
+            Record::Live => (self.table("projectors"), "name = $1", s.name.to_string()),
+            Record::Build(id) => (
+                self.table("versions"),
+                "id = $1::text::bigint",
+                id.to_string(),
+            ),
+        }
     }
 
     /// Records when projectors first went missing from the manifest, and
@@ -487,23 +538,23 @@ impl Ledger {
     /// runners from both applying a batch, and a runner of another version
     /// from writing into this one.
     pub async fn advance(&self, client: &impl GenericClient, a: &Advance<'_>) -> Result<()> {
+        let (table, key, id) = self.target(&a.subject);
         let n = client
             .execute(
                 &format!(
-                    "UPDATE {} SET position = $3, tx = $4::text::xid8, event_time = coalesce($5, event_time), \
+                    "UPDATE {table} SET position = $3, tx = $4::text::xid8, event_time = coalesce($5, event_time), \
                      events_processed = events_processed + $6, updated_at = now() \
-                     WHERE name = $1 AND position = $2 AND tx IS NOT DISTINCT FROM $7::text::xid8 AND version = $8",
-                    self.table("projectors")
+                     WHERE {key} AND position = $2 AND tx IS NOT DISTINCT FROM $7::text::xid8 AND version = $8"
                 ),
                 &[
-                    &a.name,
+                    &id,
                     &a.from.id,
                     &a.to.id,
                     &a.to.tx_text(),
                     &a.event_time,
                     &a.handled,
                     &a.from.tx_text(),
-                    &a.version,
+                    &a.subject.version,
                 ],
             )
             .await
@@ -511,32 +562,34 @@ impl Ledger {
         if n != 1 {
             anyhow::bail!(
                 "the ledger row of projector `{}` changed while this run held it (its position moved from {}, or its version is no longer {}): another runner is playing it",
-                a.name,
+                a.subject.name,
                 a.from,
-                a.version
+                a.subject.version
             );
         }
         Ok(())
     }
 
+    /// Sets the state of a projector's record (clearing the error when it plays again).
     pub async fn set_state(
         &self,
         client: &impl GenericClient,
-        name: &str,
+        subject: &Subject<'_>,
         state: State,
     ) -> Result<()> {
-        let clear = if matches!(state, State::Live | State::Finished | State::Booting) {
+        let clear = if matches!(
+            state,
+            State::Live | State::Finished | State::Booting | State::Built
+        ) {
             ", error = NULL, error_detail = NULL, error_hint = NULL, error_position = NULL, error_type = NULL, error_stream = NULL, error_at = NULL"
         } else {
             ""
         };
+        let (table, key, id) = self.target(subject);
         client
             .execute(
-                &format!(
-                    "UPDATE {} SET state = $2, updated_at = now(){clear} WHERE name = $1",
-                    self.table("projectors")
-                ),
-                &[&name, &state.as_str()],
+                &format!("UPDATE {table} SET state = $2, updated_at = now(){clear} WHERE {key}"),
+                &[&id, &state.as_str()],
             )
             .await
             .context("updating a projector's state")?;
@@ -547,37 +600,38 @@ impl Ledger {
     pub async fn record_failure(
         &self,
         client: &impl GenericClient,
-        name: &str,
+        subject: &Subject<'_>,
         run: Run,
         f: &HandlerFailure,
         kind: FailureKind,
     ) -> Result<()> {
         let dead_letter = kind == FailureKind::DeadLetter;
         if kind == FailureKind::Broken {
+            let (table, key, id) = self.target(subject);
             client
                 .execute(
                     &format!(
-                        "UPDATE {} SET state = 'broken', error = $2, error_detail = $3, error_hint = $4, \
+                        "UPDATE {table} SET state = 'broken', error = $2, error_detail = $3, error_hint = $4, \
                          error_position = $5, error_type = $6, error_stream = $7, error_at = now(), updated_at = now() \
-                         WHERE name = $1",
-                        self.table("projectors")
+                         WHERE {key}"
                     ),
-                    &[&name, &f.message, &f.detail, &f.hint, &f.position, &f.event_type, &f.stream],
+                    &[&id, &f.message, &f.detail, &f.hint, &f.position, &f.event_type, &f.stream],
                 )
                 .await
                 .context("marking a projector broken")?;
         }
+        let name = subject.name;
         let sqlstate = (!f.sqlstate.is_empty()).then_some(f.sqlstate.as_str());
         client
             .execute(
                 &format!(
-                    "INSERT INTO {} (projector, run, position, type, stream, error, detail, hint, sqlstate, dead_letter) \
-                     VALUES ($1, $2, $3, $4, $5, $6, $7, $8, $9, $10)",
+                    "INSERT INTO {} (projector, run, position, type, stream, error, detail, hint, sqlstate, dead_letter, version) \
+                     VALUES ($1, $2, $3, $4, $5, $6, $7, $8, $9, $10, $11)",
                     self.table("failures")
                 ),
                 &[
                     &name, &run.as_str(), &f.position, &f.event_type, &f.stream, &f.message, &f.detail, &f.hint,
-                    &sqlstate, &dead_letter,
+                    &sqlstate, &dead_letter, &subject.version,
                 ],
             )
             .await
@@ -667,10 +721,11 @@ impl Ledger {
         &self,
         client: &impl GenericClient,
         shape: &StoreShape,
-        name: &str,
+        subject: &Subject<'_>,
         (from, to): (Position, Position),
         holes: PassedHoles,
     ) -> Result<()> {
+        let name = subject.name;
         let p = shape.position_expr();
         let sql = format!(
             "SELECT array(SELECT {p}::bigint FROM {rel} WHERE {p} > $1::bigint AND {p} <= $2::bigint ORDER BY {p})",
@@ -690,8 +745,8 @@ impl Ledger {
         client
             .execute(
                 &format!(
-                    "INSERT INTO {} (projector, first_position, last_position, lo, len, stride, n, first_seen) \
-                     VALUES ($1, $2, $3, $4, $5, $6, $7, $8)",
+                    "INSERT INTO {} (projector, first_position, last_position, lo, len, stride, n, first_seen, version, version_id) \
+                     VALUES ($1, $2, $3, $4, $5, $6, $7, $8, $9, $10)",
                     self.table("holes")
                 ),
                 &[
@@ -703,6 +758,11 @@ impl Ledger {
                     &column(|r| r.stride),
                     &column(|r| r.n),
                     &holes.first_seen,
+                    &subject.version,
+                    &match subject.record {
+                        Record::Live => None,
+                        Record::Build(id) => Some(id),
+                    },
                 ],
             )
             .await
@@ -767,7 +827,8 @@ impl Ledger {
         let sql = format!(
             "WITH g AS (SELECT h.projector, x.pj_lo, x.pj_len, x.pj_stride, x.pj_n FROM {holes} h \
                 CROSS JOIN LATERAL unnest(h.lo, h.len, h.stride, h.n) AS x(pj_lo, pj_len, pj_stride, pj_n) \
-                WHERE h.projector IS NOT NULL AND (cardinality($1::text[]) = 0 OR h.projector = ANY($1))), \
+                WHERE h.projector IS NOT NULL AND h.version_id IS NULL \
+                  AND (cardinality($1::text[]) = 0 OR h.projector = ANY($1))), \
              d AS (SELECT DISTINCT pj_lo, pj_len, pj_stride, pj_n FROM g), \
              f AS (SELECT d.pj_lo, d.pj_len, d.pj_stride, d.pj_n, l.pj_position, l.pj_type FROM d CROSS JOIN LATERAL ( \
                 SELECT {pos}::bigint AS pj_position, {ty} AS pj_type FROM {rel} \

@@ -29,6 +29,10 @@ pub struct Manifest {
     pub source: String,
     pub store: Store,
     pub ledger_schema: String,
+    /// Where rebuilds build beside the live tables.
+    pub build_schema: String,
+    /// Where previous versions' tables are kept until `prune`.
+    pub previous_schema: String,
     pub alert: Option<Vec<String>>,
     /// In the file's order.
     pub projectors: Vec<Projector>,
@@ -71,7 +75,8 @@ impl Store {
     }
 }
 
-#[derive(Clone, Copy, Debug, PartialEq, Eq)]
+#[derive(Clone, Copy, Debug, PartialEq, Eq, serde::Serialize)]
+#[serde(rename_all = "snake_case")]
 pub enum Mode {
     FromBeginning,
     FromNow,
@@ -95,6 +100,16 @@ impl Mode {
             Mode::Once => "once",
         }
     }
+}
+
+/// How a projector is rebuilt (a version bump, `reset`, `verify --heal`).
+#[derive(Clone, Copy, Debug, PartialEq, Eq)]
+pub enum Rebuild {
+    /// Built beside the live tables in the build schema, then swapped in,
+    /// in one short transaction: readers never see an empty read model.
+    Swap,
+    /// The tables are emptied and replayed where they are.
+    InPlace,
 }
 
 #[derive(Clone, Copy, Debug, PartialEq, Eq)]
@@ -121,6 +136,10 @@ pub struct Projector {
     pub events: Option<Vec<String>>,
     pub checks: Vec<Check>,
     pub reset: Option<String>,
+    /// How a rebuild happens: beside the live tables, then swapped in, or in place.
+    pub rebuild: Rebuild,
+    /// SQL run on the build's tables before a rebuild beside replays (a new column, an index).
+    pub prepare: Option<String>,
     pub on_error: OnError,
     pub max_retries: u32,
     pub ack_timeout: Duration,

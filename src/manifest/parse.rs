@@ -13,8 +13,8 @@ use toml::de::{DeString, DeTable, DeValue};
 
 use super::sql_text;
 use super::{
-    Check, Handler, Manifest, ManifestError, Mode, OnError, Problem, Projector, Span, Store,
-    valid_name,
+    Check, Handler, Manifest, ManifestError, Mode, OnError, Problem, Projector, Rebuild, Span,
+    Store, valid_name,
 };
 
 type Value<'i> = Spanned<DeValue<'i>>;
@@ -47,6 +47,8 @@ const PROJECTOR_KEYS: &[&str] = &[
     "on_error",
     "max_retries",
     "ack_timeout",
+    "rebuild",
+    "prepare",
 ];
 const CHECK_KEYS: &[&str] = &["name", "projection", "events"];
 
@@ -85,22 +87,32 @@ pub(super) fn parse(path: &Path, source: String) -> Result<Manifest, ManifestErr
         }
     };
 
-    let mut ledger_schema = super::DEFAULT_LEDGER_SCHEMA.to_string();
+    let mut schemas = Schemas::default();
     if let Some((_, v)) = get(root, "ledger")
         && let Some(t) = w.table(v, "[ledger]")
     {
-        w.check_keys(t, &["schema"], "[ledger]");
-        if let Some((_, s)) = get(t, "schema")
-            && let Some(name) = w.string(s, "ledger.schema")
-        {
-            if valid_name(&name) {
-                ledger_schema = name;
-            } else {
-                w.problems.push(Problem::new(
-                    s.span(),
-                    "the ledger schema must be lowercase letters, digits and underscores",
-                    "not a valid schema name",
-                ));
+        w.check_keys(
+            t,
+            &["schema", "build_schema", "previous_schema"],
+            "[ledger]",
+        );
+        for (key, slot) in [
+            ("schema", &mut schemas.ledger),
+            ("build_schema", &mut schemas.build),
+            ("previous_schema", &mut schemas.previous),
+        ] {
+            if let Some((_, s)) = get(t, key)
+                && let Some(name) = w.string(s, &format!("ledger.{key}"))
+            {
+                if valid_name(&name) {
+                    *slot = name;
+                } else {
+                    w.problems.push(Problem::new(
+                        s.span(),
+                        format!("ledger.{key} must be lowercase letters, digits and underscores"),
+                        "not a valid schema name",
+                    ));
+                }
             }
         }
     }
@@ -142,11 +154,30 @@ pub(super) fn parse(path: &Path, source: String) -> Result<Manifest, ManifestErr
             path: path.to_path_buf(),
             source: source.clone(),
             store,
-            ledger_schema,
+            ledger_schema: schemas.ledger,
+            build_schema: schemas.build,
+            previous_schema: schemas.previous,
             alert,
             projectors,
         }),
         _ => Err(ManifestError::new(path, &source, w.problems)),
+    }
+}
+
+/// The schemas of `[ledger]`.
+struct Schemas {
+    ledger: String,
+    build: String,
+    previous: String,
+}
+
+impl Default for Schemas {
+    fn default() -> Self {
+        Schemas {
+            ledger: super::DEFAULT_LEDGER_SCHEMA.into(),
+            build: "projectionist_build".into(),
+            previous: "projectionist_previous".into(),
+        }
     }
 }
 
@@ -375,6 +406,8 @@ impl<'s> Walker<'s> {
             events: None,
             checks: Vec::new(),
             reset: None,
+            rebuild: Rebuild::Swap,
+            prepare: None,
             on_error: OnError::Stop,
             max_retries: 5,
             ack_timeout: Duration::from_secs(30),
@@ -490,6 +523,23 @@ impl<'s> Walker<'s> {
             }
             "check" => p.checks = self.checks(v, &name),
             "reset" => p.reset = self.string(v, &what),
+            "prepare" => p.prepare = self.string(v, &what),
+            "rebuild" => {
+                if let Some(r) = self.string(v, &what) {
+                    match r.as_str() {
+                        "swap" => p.rebuild = Rebuild::Swap,
+                        "in_place" => p.rebuild = Rebuild::InPlace,
+                        other => self.problems.push(
+                            Problem::new(
+                                v.span(),
+                                format!("unknown rebuild `{other}` for projector `{name}`"),
+                                "unknown rebuild",
+                            )
+                            .help("rebuild is swap (build beside the live tables, then swap them in: the default) or in_place (empty the tables and replay)"),
+                        ),
+                    }
+                }
+            }
             "on_error" => {
                 if let Some(s) = self.string(v, &what) {
                     match s.as_str() {

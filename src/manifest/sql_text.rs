@@ -207,6 +207,76 @@ pub fn substitute(sql: &str, values: &[(&str, String)]) -> String {
     out
 }
 
+/// The table an `INSERT INTO`, `UPDATE`, `DELETE FROM` or `MERGE INTO`
+/// statement writes (its name, lowercased, without its schema), if the
+/// statement is one of those.
+pub fn written_table(sql: &str) -> Option<String> {
+    let code = code_only(sql).to_lowercase();
+    let words: Vec<&str> = code.split_whitespace().collect();
+    let target = match words.first().copied()? {
+        "insert" | "merge" if words.get(1) == Some(&"into") => words.get(2)?,
+        "update" => match words.get(1)? {
+            &"only" => words.get(2)?,
+            w => w,
+        },
+        "delete" if words.get(1) == Some(&"from") => match words.get(2)? {
+            &"only" => words.get(3)?,
+            w => w,
+        },
+        _ => return None,
+    };
+    let table = target
+        .split('(')
+        .next()?
+        .rsplit('.')
+        .next()?
+        .trim_matches('"');
+    (!table.is_empty()).then(|| table.to_string())
+}
+
+/// The SQL with its literals and comments blanked out (same length).
+fn code_only(sql: &str) -> String {
+    let mut lexer = Lexer::new(sql);
+    let mut code = String::with_capacity(sql.len());
+    let mut last = 0;
+    while let Some((start, token)) = lexer.next_token() {
+        if token == Token::Colon {
+            lexer.pos = start + 1;
+        }
+        let text = &sql[start..lexer.pos];
+        code.push_str(&" ".repeat(sql[last..start].len()));
+        let literal = text.starts_with('\'')
+            || (text.starts_with('$')
+                && text.len() > 1
+                && !text[1..].starts_with(|c: char| c.is_ascii_digit()));
+        if literal {
+            code.push_str(&" ".repeat(text.len()));
+        } else {
+            code.push_str(text);
+        }
+        last = lexer.pos;
+    }
+    code
+}
+
+/// Whether SQL names the table `table` with a schema (`app.band`,
+/// `"app"."band"`), outside literals and comments.
+pub fn names_qualified(sql: &str, table: &str) -> bool {
+    let code = code_only(sql);
+    let lower = code.to_lowercase();
+    let table = table.to_lowercase();
+    [format!(".{table}"), format!(".\"{table}\"")]
+        .iter()
+        .any(|needle| {
+            lower.match_indices(needle.as_str()).any(|(at, m)| {
+                let after = lower[at + m.len()..].chars().next();
+                let before = lower[..at].chars().next_back();
+                after.is_none_or(|c| !(c.is_alphanumeric() || c == '_' || c == '"'))
+                    && before.is_some_and(|c| c.is_alphanumeric() || c == '_' || c == '"')
+            })
+        })
+}
+
 /// Whether a query uses `:name` (outside literals and comments).
 pub fn uses(sql: &str, name: &str) -> bool {
     placeholders(sql).any(|(_, n)| n == name)
@@ -457,6 +527,50 @@ mod tests {
         );
         assert!(uses(sql, "position"));
         assert!(!uses("SELECT ':position', $$ :position $$", "position"));
+    }
+
+    #[test]
+    fn the_table_a_statement_writes() {
+        assert_eq!(
+            written_table("INSERT INTO band (id) VALUES (1)").as_deref(),
+            Some("band")
+        );
+        assert_eq!(
+            written_table("insert into public.\"Band\"(id) values (1)").as_deref(),
+            Some("band")
+        );
+        assert_eq!(
+            written_table("UPDATE counter SET n = n + 1").as_deref(),
+            Some("counter")
+        );
+        assert_eq!(
+            written_table("DELETE FROM ONLY x WHERE true").as_deref(),
+            Some("x")
+        );
+        assert_eq!(
+            written_table("/* c */ MERGE INTO t USING s ON true WHEN MATCHED THEN DELETE")
+                .as_deref(),
+            Some("t")
+        );
+        assert_eq!(written_table("SELECT 1"), None);
+    }
+
+    #[test]
+    fn qualified_table_names_are_found_outside_literals() {
+        assert!(names_qualified(
+            "INSERT INTO public.band VALUES (1)",
+            "band"
+        ));
+        assert!(names_qualified("UPDATE \"app\".\"band\" SET x = 1", "band"));
+        assert!(!names_qualified("INSERT INTO band VALUES (1)", "band"));
+        assert!(!names_qualified(
+            "SELECT 'public.band', b.bandname FROM band b",
+            "band"
+        ));
+        assert!(!names_qualified(
+            "SELECT x.band_id FROM t x -- public.band",
+            "band"
+        ));
     }
 
     #[test]

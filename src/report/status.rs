@@ -59,6 +59,27 @@ fn error_text(p: &ProjectorStatus, now: DateTime<Utc>, verbose: bool) -> String 
             first.event_type.as_deref().unwrap_or("?")
         );
     }
+    if let Some(b) = &p.build
+        && p.error.is_none()
+    {
+        return match (&b.error, b.state.as_str()) {
+            (Some(e), _) => format!(
+                "build v{} broken: {}",
+                b.version,
+                e.lines().next().unwrap_or("")
+            ),
+            (None, "built") => format!("v{} built, waiting to be swapped in", b.version),
+            (None, state) => format!(
+                "building v{} ({state}): position {}, lag {}{}",
+                b.version,
+                b.position,
+                b.lag,
+                b.eta_seconds
+                    .map(|s| format!(", ETA {}", duration(s)))
+                    .unwrap_or_default()
+            ),
+        };
+    }
     if !p.waiting_for.is_empty() && p.state == ShownState::Ledger(State::Live) {
         return format!("waits for {}", p.waiting_for.join(", "));
     }
@@ -240,6 +261,35 @@ fn fields(p: &ProjectorStatus, report: &StatusReport) -> Vec<(&'static str, Stri
     }
     if !p.waiting_for.is_empty() {
         out.push(("waits for", p.waiting_for.join(", ")));
+    }
+    if let Some(b) = &p.build {
+        out.push((
+            "building",
+            format!(
+                "version {} ({}): position {}, lag {} events{}{}",
+                b.version,
+                b.state,
+                b.position,
+                b.lag,
+                b.eta_seconds
+                    .map(|s| format!(", ETA {}", duration(s)))
+                    .unwrap_or_default(),
+                b.error
+                    .as_ref()
+                    .map(|e| format!(", broken: {e}"))
+                    .unwrap_or_default()
+            ),
+        ));
+    }
+    if !p.kept_versions.is_empty() {
+        out.push((
+            "kept versions",
+            p.kept_versions
+                .iter()
+                .map(|v| v.to_string())
+                .collect::<Vec<_>>()
+                .join(", "),
+        ));
     }
     if let Some(e) = &p.error {
         out.push((

@@ -153,9 +153,27 @@ async fn open_writer_holds_boot_until_it_commits(with_tx: bool) {
             "{t}: played past the running transaction's event, or missed settled ones"
         );
     }
-    for p in ["seen", "seen_later"] {
-        assert_eq!(db.ledger(p).await, Some(("booting".into(), b)), "{p}");
-    }
+    // The new `seen_later` boots; `seen` version 2 is built beside the live
+    // version 1, which keeps serving (live at b).
+    assert_eq!(
+        db.ledger("seen_later").await,
+        Some(("booting".into(), b)),
+        "seen_later"
+    );
+    assert_eq!(db.ledger("seen").await, Some(("live".into(), b)), "seen");
+    let build: (String, i64) = {
+        let r = db
+            .client()
+            .await
+            .query_one(
+                "SELECT state, position FROM projectionist.versions WHERE projector = 'seen' AND kind = 'build'",
+                &[],
+            )
+            .await
+            .unwrap();
+        (r.get(0), r.get(1))
+    };
+    assert_eq!(build, ("booting".into(), b), "the build of seen");
     ca.batch_execute("COMMIT").await.unwrap();
     let (run, _) = finish(boot, Duration::from_secs(5)).await;
     run.expect(0);

@@ -91,9 +91,9 @@ pub enum Command {
         after_help = "Examples:\n  projectionist status                 # the table\n  projectionist status band            # one projector in detail, with its failures\n  projectionist status --json          # for scripts and monitors\n  projectionist status --max-lag 30s   # a health check: exit 1 if any is 30s behind, broken or stalled; 3 if the database does not answer within --timeout"
     )]
     Status(StatusArgs),
-    /// Rebuild projectors from scratch: empty their tables and replay them.
+    /// Rebuild projectors from scratch: beside the live tables, then swapped in (or in place).
     #[command(
-        after_help = "Examples:\n  projectionist reset band\n  projectionist reset band event --yes        # in scripts\n  projectionist reset band --no-replay        # the next boot replays it"
+        after_help = "Examples:\n  projectionist reset band\n  projectionist reset band event --yes        # in scripts\n  projectionist reset band --in-place         # empty the tables and replay where they are\n  projectionist reset band --no-replay        # empty them; the next boot replays"
     )]
     Reset(ResetArgs),
     /// Write the migration that removes a projector gone from the manifest.
@@ -101,6 +101,16 @@ pub enum Command {
         after_help = "Examples:\n  projectionist retire old_band              # writes migrations/V{n}__retire_old_band.sql\n  projectionist retire old_band --dry-run    # prints it instead"
     )]
     Retire(RetireArgs),
+    /// Swap a kept previous version of a projector back in (the manifest's version), then catch it up.
+    #[command(
+        after_help = "Example (a deploy rolled back to the manifest with version 1 of band):\n  projectionist rollback band"
+    )]
+    Rollback(RollbackArgs),
+    /// Write the migration that drops previous versions kept longer than --min-age.
+    #[command(
+        after_help = "Examples:\n  projectionist prune                # writes migrations/V{n}__prune_previous_versions.sql\n  projectionist prune --dry-run      # prints it instead"
+    )]
+    Prune(PruneArgs),
     /// Run the manifest's consistency checks at each projector's position; exit 1 on a mismatch or late events.
     #[command(
         after_help = "Examples:\n  projectionist verify\n  projectionist verify band --heal    # reset the projectors whose checks fail"
@@ -179,6 +189,9 @@ pub struct BootArgs {
     /// Boot this new projector over the rows its tables already hold (its handlers must be idempotent); repeatable.
     #[arg(long, value_name = "NAME")]
     pub adopt: Vec<String>,
+    /// Rebuild side-effecting projectors whose version went up (their side effects run again).
+    #[arg(long)]
+    pub allow_side_effects: bool,
     #[command(flatten)]
     pub output: JsonArgs,
 }
@@ -211,9 +224,12 @@ pub struct ResetArgs {
     /// Reset side-effecting projectors too (their side effects run again).
     #[arg(long)]
     pub allow_side_effects: bool,
-    /// Only reset; the next boot replays.
+    /// Only reset (in place); the next boot replays.
     #[arg(long)]
     pub no_replay: bool,
+    /// Empty the tables and replay where they are (readers see the rebuild), instead of building beside them and swapping in.
+    #[arg(long)]
+    pub in_place: bool,
     #[command(flatten)]
     pub lock: LockArgs,
 }
@@ -223,6 +239,28 @@ pub struct RetireArgs {
     /// The projector to retire (already removed from the manifest).
     pub name: String,
     /// How long it must have been gone from the manifest.
+    #[arg(long, default_value = "72h", value_parser = humantime::parse_duration, value_name = "DURATION")]
+    pub min_age: Duration,
+    /// Print the SQL instead of writing the file.
+    #[arg(long)]
+    pub dry_run: bool,
+    #[command(flatten)]
+    pub dir: DirArgs,
+}
+
+#[derive(Args, Debug)]
+pub struct RollbackArgs {
+    /// The projector to roll back (the manifest says which version).
+    pub name: String,
+    #[command(flatten)]
+    pub lock: LockArgs,
+    #[command(flatten)]
+    pub output: JsonArgs,
+}
+
+#[derive(Args, Debug)]
+pub struct PruneArgs {
+    /// How long a previous version is kept before it may be dropped.
     #[arg(long, default_value = "72h", value_parser = humantime::parse_duration, value_name = "DURATION")]
     pub min_age: Duration,
     /// Print the SQL instead of writing the file.

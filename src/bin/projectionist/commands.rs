@@ -64,6 +64,8 @@ pub async fn run(cli: Cli) -> Result<ExitStatus> {
         Command::Reset(args) => reset(g, args).await,
         Command::Retire(args) => retire(g, args).await,
         Command::Verify(args) => verify(g, args).await,
+        Command::Rollback(args) => rollback(g, args).await,
+        Command::Prune(args) => prune(g, args).await,
         Command::Completions { shell } => {
             clap_complete::generate(
                 shell,
@@ -159,6 +161,7 @@ async fn boot(g: &cli::Global, args: cli::BootArgs) -> Result<ExitStatus> {
         batch_size: args.batch.batch_size,
         writer_wait: args.writer_wait,
         adopt: args.adopt,
+        allow_side_effects: args.allow_side_effects,
         ..Default::default()
     };
     if let Some(j) = args.jobs {
@@ -254,6 +257,7 @@ async fn reset(g: &cli::Global, args: cli::ResetArgs) -> Result<ExitStatus> {
     let opts = engine::reset::ResetOptions {
         allow_side_effects: args.allow_side_effects,
         no_replay: args.no_replay,
+        in_place: args.in_place,
         boot: engine::boot::BootOptions {
             lock_timeout: Some(args.lock.lock_timeout),
             ..Default::default()
@@ -295,6 +299,69 @@ async fn retire(g: &cli::Global, args: cli::RetireArgs) -> Result<ExitStatus> {
             outln!(
                 "wrote {}\n  review it, commit it, and `projectionist migrate` applies it",
                 r.path.display()
+            );
+        }
+    }
+    Ok(ExitStatus::Success)
+}
+
+async fn rollback(g: &cli::Global, args: cli::RollbackArgs) -> Result<ExitStatus> {
+    let ctx = context(g)?;
+    let json = args.output.json;
+    let r = engine::rebuild::roll_back(
+        &ctx,
+        &args.name,
+        Some(args.lock.lock_timeout),
+        &progress(g, json, "rollback"),
+    )
+    .await?;
+    if json {
+        outln!("{}", serde_json::to_string_pretty(&r)?);
+    } else if !g.quiet {
+        outln!(
+            "rolled back {}: version {} is live again (it was at position {}; readers waited {:.1} ms), version {} is kept",
+            r.rolled_back.projector,
+            r.rolled_back.to_version,
+            r.rolled_back.kept_position,
+            r.rolled_back.swap.lock_ms,
+            r.rolled_back.from_version
+        );
+        outln!("{}", report::boot::table(&r.catch_up));
+    }
+    print_boot_problems(&r.catch_up);
+    Ok(if r.catch_up.succeeded() {
+        ExitStatus::Success
+    } else {
+        ExitStatus::Unhealthy
+    })
+}
+
+async fn prune(g: &cli::Global, args: cli::PruneArgs) -> Result<ExitStatus> {
+    let ctx = context(g)?;
+    let client = ctx.connect("prune", Session::Reader).await?;
+    ctx.ledger.ensure_exists(&client).await?;
+    let Some(p) = engine::rebuild::prune(&ctx, &client, args.min_age, &args.dir.dir).await? else {
+        if !g.quiet {
+            outln!(
+                "nothing to prune: no previous version has been kept for {} (--min-age)",
+                humantime::format_duration(args.min_age)
+            );
+        }
+        return Ok(ExitStatus::Success);
+    };
+    if args.dry_run {
+        out!("{}", p.sql);
+    } else {
+        engine::migrate::write_new(&p.path, &p.sql)?;
+        if !g.quiet {
+            outln!(
+                "wrote {}\n  it drops {}; review it, commit it, and `projectionist migrate` applies it",
+                p.path.display(),
+                p.dropped
+                    .iter()
+                    .map(|(n, v)| format!("{n} version {v}"))
+                    .collect::<Vec<_>>()
+                    .join(", ")
             );
         }
     }
