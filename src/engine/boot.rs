@@ -454,6 +454,14 @@ pub fn select(
                 ))
                 .into());
             }
+            Some(r) if r.state == State::Paused => {
+                tracing::info!(
+                    "projector `{}` is paused: boot leaves it (`projectionist resume {}` puts it back)",
+                    p.name,
+                    p.name
+                );
+                continue;
+            }
             Some(r) if p.version > r.version || opts.rebuild.contains(&p.name) => {
                 if p.side_effects && !opts.allow_side_effects {
                     return Err(Failure::Usage(format!(

@@ -10,6 +10,8 @@
 //! - [`verify`]: the consistency checks, compared at each projector's position.
 //! - [`retire`]: the migration that removes a projector.
 //! - [`rebuild`]: rebuilds beside the live tables, the swap, `rollback`, `prune`.
+//! - [`pause`]: `pause` and `resume`.
+//! - [`retry`]: `failures` and `retry` (dead letters applied again).
 //! - [`init`], [`notify`]: the starter files; the NOTIFY trigger migration.
 //!
 //! Shared pieces: [`batch`] (one batch in one transaction), [`start`] (where
@@ -23,10 +25,12 @@ pub mod init;
 pub mod late;
 pub mod migrate;
 pub mod notify;
+pub mod pause;
 pub mod play;
 pub mod rebuild;
 pub mod reset;
 pub mod retire;
+pub mod retry;
 pub mod start;
 pub mod status;
 pub mod validate;

@@ -267,11 +267,13 @@ impl Supervisor<'_> {
             .note_missing(client, &ctx.manifest.names())
             .await?;
         let head = self.shape.visible_head(client).await?;
-        self.metrics.observe(
-            &rows,
-            head.as_ref().map(|h| h.0.id).unwrap_or(0),
-            head.and_then(|h| h.1),
-        );
+        let head_id = head.as_ref().map(|h| h.0.id).unwrap_or(0);
+        self.metrics.observe(&rows, head_id, head.and_then(|h| h.1));
+        let dead_letters = ctx.ledger.dead_letters_waiting(client).await?;
+        let holes = ctx.ledger.holes_passed(client).await?;
+        let versions = ctx.ledger.versions(client).await?;
+        self.metrics
+            .ledger_counts(&rows, &dead_letters, &holes, &versions, head_id);
         if self.late_checked.is_none_or(|t| t.elapsed() >= LATE_EVERY) {
             self.late_checked = Some(Instant::now());
             let late =

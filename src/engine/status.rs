@@ -74,6 +74,8 @@ pub struct ProjectorStatus {
     pub build: Option<BuildStatus>,
     /// Previous versions kept for `rollback` (until `prune`).
     pub kept_versions: Vec<i32>,
+    /// Events skipped by `on_error = "skip"`, waiting for `retry`.
+    pub dead_letters: i64,
 }
 
 /// A version being built beside the live one.
@@ -189,6 +191,7 @@ impl ProjectorStatus {
             late_events: Vec::new(),
             build: None,
             kept_versions: Vec::new(),
+            dead_letters: 0,
         }
     }
 
@@ -226,6 +229,7 @@ pub async fn status(ctx: &Context, client: &Client) -> Result<StatusReport> {
     let holding = crate::store::reader::holders(&shape, client).await?;
     let late = crate::engine::late::find(ctx, &shape, client, &[]).await?;
     let versions = ctx.ledger.versions(client).await?;
+    let dead_letters = ctx.ledger.dead_letters_waiting(client).await?;
     let now = Utc::now();
     let head = Head {
         position: head_pos,
@@ -252,6 +256,11 @@ pub async fn status(ctx: &Context, client: &Client) -> Result<StatusReport> {
             .filter(|l| l.projector == r.name)
             .cloned()
             .collect();
+        s.dead_letters = dead_letters
+            .iter()
+            .find(|(n, _)| *n == r.name)
+            .map(|d| d.1)
+            .unwrap_or(0);
         for v in versions.iter().filter(|v| v.projector == r.name) {
             match v.kind {
                 Kind::Build => s.build = Some(BuildStatus::of(v, head_pos, now)),
@@ -338,6 +347,7 @@ fn from_row(
         late_events: Vec::new(),
         build: None,
         kept_versions: Vec::new(),
+        dead_letters: 0,
     }
 }
 

@@ -7,6 +7,7 @@
 //! embedded in the binary, with the schema name of `[ledger] schema`.
 
 pub mod locks;
+pub mod operator;
 pub mod versions;
 
 use anyhow::{Context, Result};
@@ -14,6 +15,7 @@ use chrono::{DateTime, Utc};
 use tokio_postgres::{GenericClient, Row};
 
 pub use locks::{LockHolder, LockKey, Locks};
+pub use operator::FailureRecord;
 pub use versions::{Kind, VersionRow};
 
 use crate::db::{RowExt, quote_ident};
@@ -30,6 +32,10 @@ const MIGRATIONS: &[(&str, &str)] = &[
         include_str!("migrations/V2__holes_per_projector.sql"),
     ),
     ("V3__versions", include_str!("migrations/V3__versions.sql")),
+    (
+        "V4__operator_tools",
+        include_str!("migrations/V4__operator_tools.sql"),
+    ),
 ];
 
 /// The columns of `projectors` projectionist reads and writes, with their types.
@@ -53,6 +59,7 @@ const PROJECTOR_COLUMNS: &[(&str, &str)] = &[
     ("error_at", "timestamp with time zone"),
     ("missing_since", "timestamp with time zone"),
     ("updated_at", "timestamp with time zone"),
+    ("paused_state", "text"),
 ];
 
 /// The ledger's tables, for checking that none was dropped.
@@ -70,6 +77,8 @@ pub enum State {
     Retired,
     /// A version built beside the live one, at the head, waiting to be swapped in.
     Built,
+    /// An operator paused it: play leaves it alone until `resume`.
+    Paused,
 }
 
 impl State {
@@ -82,6 +91,7 @@ impl State {
             State::Stalled => "stalled",
             State::Retired => "retired",
             State::Built => "built",
+            State::Paused => "paused",
         }
     }
 
@@ -94,6 +104,7 @@ impl State {
             "stalled" => State::Stalled,
             "retired" => State::Retired,
             "built" => State::Built,
+            "paused" => State::Paused,
             other => return Err(altered(format!("unknown state `{other}`"))),
         })
     }
@@ -144,6 +155,8 @@ pub enum Run {
     Boot,
     Play,
     Reset,
+    /// `retry`: dead letters applied again.
+    Retry,
 }
 
 impl Run {
@@ -152,6 +165,7 @@ impl Run {
             Run::Boot => "boot",
             Run::Play => "play",
             Run::Reset => "reset",
+            Run::Retry => "retry",
         }
     }
 }
@@ -391,6 +405,7 @@ impl Ledger {
     pub async fn ensure_exists(&self, client: &impl GenericClient) -> Result<()> {
         let (missing, history) = self.missing_tables(client).await?;
         if missing.is_empty() {
+            self.check_migrated(client).await?;
             return self.check_columns(client).await;
         }
         let text = if history && missing.len() < TABLES.len() + 1 {
@@ -408,6 +423,29 @@ impl Ledger {
             )
         };
         Err(Failure::Usage(text).into())
+    }
+
+    /// Every ledger migration of this projectionist was applied.
+    async fn check_migrated(&self, client: &impl GenericClient) -> Result<()> {
+        let applied: Option<i32> = client
+            .query_one(
+                &format!("SELECT max(version) FROM {}", self.table("schema_history")),
+                &[],
+            )
+            .await
+            .context("reading the ledger's migration history")?
+            .col(0)?;
+        let needed = MIGRATIONS.len() as i32;
+        if applied.unwrap_or(0) < needed {
+            return Err(Failure::Usage(format!(
+                "the ledger schema `{}` is at migration V{} and this projectionist needs V{needed}: \
+                 run `projectionist migrate` first",
+                self.schema,
+                applied.unwrap_or(0)
+            ))
+            .into());
+        }
+        Ok(())
     }
 
     /// The contract's columns of `projectors` have the types projectionist

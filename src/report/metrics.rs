@@ -1,6 +1,10 @@
 //! Prometheus metrics of `play` (`--metrics ADDR`): per projector its
-//! position, lag in events and seconds, events processed, failures and state;
-//! per runner whether it reaches the database and how many projectors it owns.
+//! position, lag in events and seconds, events processed, failures, state,
+//! late events, dead letters waiting, holes passed and the progress of a
+//! build beside it; per runner whether it reaches the database and how many
+//! projectors it owns. `/healthz` answers 200 while the runner reaches the
+//! database, 503 otherwise. `deploy/grafana/projectionist.json` is a
+//! dashboard over exactly these names.
 
 use std::net::SocketAddr;
 use std::sync::Arc;
@@ -15,7 +19,7 @@ use prometheus_client::metrics::gauge::Gauge;
 use prometheus_client::registry::Registry;
 use tokio_util::sync::CancellationToken;
 
-use crate::ledger::{LateEvent, LedgerRow};
+use crate::ledger::{Kind, LateEvent, LedgerRow, VersionRow};
 
 #[derive(Clone, Debug, Hash, PartialEq, Eq, EncodeLabelSet)]
 struct ProjectorLabel {
@@ -28,8 +32,8 @@ struct StateLabel {
     state: String,
 }
 
-const STATES: [&str; 6] = [
-    "booting", "live", "finished", "broken", "stalled", "retired",
+const STATES: [&str; 7] = [
+    "booting", "live", "finished", "broken", "stalled", "retired", "paused",
 ];
 
 pub struct Metrics {
@@ -41,6 +45,10 @@ pub struct Metrics {
     failures: Family<ProjectorLabel, Counter>,
     state: Family<StateLabel, Gauge>,
     late: Family<ProjectorLabel, Gauge>,
+    dead_letters: Family<ProjectorLabel, Gauge>,
+    holes: Family<ProjectorLabel, Gauge>,
+    build_position: Family<ProjectorLabel, Gauge>,
+    build_lag: Family<ProjectorLabel, Gauge>,
     up: Gauge,
     owned: Gauge,
 }
@@ -63,6 +71,10 @@ impl Metrics {
             failures: Family::default(),
             state: Family::default(),
             late: Family::default(),
+            dead_letters: Family::default(),
+            holes: Family::default(),
+            build_position: Family::default(),
+            build_lag: Family::default(),
             up: Gauge::default(),
             owned: Gauge::default(),
         };
@@ -100,6 +112,26 @@ impl Metrics {
             "late_events",
             "Events that appeared inside holes the projector had already passed (not applied: reset it)",
             m.late.clone(),
+        );
+        registry.register(
+            "dead_letters",
+            "Events skipped by on_error = \"skip\" and waiting for `projectionist retry`",
+            m.dead_letters.clone(),
+        );
+        registry.register(
+            "holes_passed",
+            "Holes in the positions the projector's live version passed (rolled-back inserts)",
+            m.holes.clone(),
+        );
+        registry.register(
+            "build_position",
+            "Position of the version being built beside the live one (0: none)",
+            m.build_position.clone(),
+        );
+        registry.register(
+            "build_lag_events",
+            "Events between the head and the version being built beside the live one (0: none)",
+            m.build_lag.clone(),
         );
         registry.register(
             "up",
@@ -153,6 +185,46 @@ impl Metrics {
         }
     }
 
+    /// Sets each projector's dead letters waiting, holes passed and build
+    /// progress (0 when it has none).
+    pub fn ledger_counts(
+        &self,
+        rows: &[LedgerRow],
+        dead_letters: &[(String, i64)],
+        holes: &[(String, i64)],
+        versions: &[VersionRow],
+        head: i64,
+    ) {
+        let of = |list: &[(String, i64)], name: &str| {
+            list.iter()
+                .find(|(n, _)| n == name)
+                .map(|x| x.1)
+                .unwrap_or(0)
+        };
+        for r in rows {
+            let l = ProjectorLabel {
+                projector: r.name.clone(),
+            };
+            self.dead_letters
+                .get_or_create(&l)
+                .set(of(dead_letters, &r.name));
+            self.holes.get_or_create(&l).set(of(holes, &r.name));
+            let build = versions
+                .iter()
+                .find(|v| v.projector == r.name && v.kind == Kind::Build);
+            self.build_position
+                .get_or_create(&l)
+                .set(build.map(|b| b.position.id).unwrap_or(0));
+            self.build_lag
+                .get_or_create(&l)
+                .set(build.map(|b| (head - b.position.id).max(0)).unwrap_or(0));
+        }
+    }
+
+    pub fn is_up(&self) -> bool {
+        self.up.get() == 1
+    }
+
     pub fn processed(&self, name: &str, n: i64) {
         self.processed
             .get_or_create(&ProjectorLabel {
@@ -200,24 +272,119 @@ pub async fn serve(
     shutdown: CancellationToken,
 ) -> Result<()> {
     let addr = listener.local_addr()?;
-    let app = axum::Router::new().route(
-        "/metrics",
-        axum::routing::get(move || {
-            let metrics = metrics.clone();
-            async move {
-                (
-                    [(
-                        axum::http::header::CONTENT_TYPE,
-                        "application/openmetrics-text; version=1.0.0; charset=utf-8",
-                    )],
-                    metrics.encode(),
-                )
-            }
-        }),
-    );
-    tracing::info!("metrics on http://{addr}/metrics");
+    let health = metrics.clone();
+    let app = axum::Router::new()
+        .route(
+            "/metrics",
+            axum::routing::get(move || {
+                let metrics = metrics.clone();
+                async move {
+                    (
+                        [(
+                            axum::http::header::CONTENT_TYPE,
+                            "application/openmetrics-text; version=1.0.0; charset=utf-8",
+                        )],
+                        metrics.encode(),
+                    )
+                }
+            }),
+        )
+        .route(
+            "/healthz",
+            axum::routing::get(move || {
+                let up = health.is_up();
+                async move {
+                    if up {
+                        (axum::http::StatusCode::OK, "ok\n")
+                    } else {
+                        (
+                            axum::http::StatusCode::SERVICE_UNAVAILABLE,
+                            "the database cannot be reached\n",
+                        )
+                    }
+                }
+            }),
+        );
+    tracing::info!("metrics on http://{addr}/metrics, health on http://{addr}/healthz");
     axum::serve(listener, app)
         .with_graceful_shutdown(async move { shutdown.cancelled().await })
         .await
         .context("serving metrics")
+}
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+
+    /// Every metric name the Grafana dashboard queries is one play exports.
+    #[test]
+    fn the_dashboard_queries_only_exported_metrics() {
+        let dashboard: serde_json::Value =
+            serde_json::from_str(include_str!("../../deploy/grafana/projectionist.json")).unwrap();
+        let mut exprs = Vec::new();
+        collect_exprs(&dashboard, &mut exprs);
+        assert!(exprs.len() >= 8, "{exprs:?}");
+        let m = Metrics::new();
+        let row = LedgerRow {
+            name: "p".into(),
+            mode: crate::manifest::Mode::FromBeginning,
+            state: crate::ledger::State::Live,
+            position: crate::store::Position { tx: None, id: 7 },
+            event_time: None,
+            version: 1,
+            side_effects: false,
+            tables: Vec::new(),
+            events_processed: 7,
+            error: None,
+            error_position: None,
+            error_type: None,
+            missing_since: None,
+            updated_at: chrono::Utc::now(),
+        };
+        let rows = [row];
+        m.observe(&rows, 10, None);
+        m.late_events(&rows, &[]);
+        m.ledger_counts(&rows, &[], &[], &[], 10);
+        m.processed("p", 1);
+        m.failed("p");
+        m.set_up(true);
+        m.set_owned(1);
+        let exported = m.encode();
+        let mut queried = Vec::new();
+        for e in &exprs {
+            let mut rest = e.as_str();
+            while let Some(at) = rest.find("projectionist_") {
+                let name: String = rest[at..]
+                    .chars()
+                    .take_while(|c| c.is_ascii_alphanumeric() || *c == '_')
+                    .collect();
+                rest = &rest[at + name.len()..];
+                queried.push(name);
+            }
+        }
+        assert!(!queried.is_empty());
+        for name in queried {
+            assert!(
+                exported.contains(&format!("# TYPE {name} "))
+                    || exported.contains(&format!("\n{name}{{"))
+                    || exported.contains(&format!("\n{name} ")),
+                "the dashboard queries {name}, which play does not export:\n{exported}"
+            );
+        }
+    }
+
+    fn collect_exprs(v: &serde_json::Value, out: &mut Vec<String>) {
+        match v {
+            serde_json::Value::Object(map) => {
+                for (k, v) in map {
+                    match (k.as_str(), v) {
+                        ("expr", serde_json::Value::String(e)) => out.push(e.clone()),
+                        _ => collect_exprs(v, out),
+                    }
+                }
+            }
+            serde_json::Value::Array(items) => items.iter().for_each(|i| collect_exprs(i, out)),
+            _ => {}
+        }
+    }
 }

@@ -2,6 +2,7 @@
 //! plain periodic lines elsewhere), and the results of commands on stdout.
 
 pub mod boot;
+pub mod failures;
 pub mod metrics;
 pub mod progress;
 pub mod status;

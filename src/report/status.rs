@@ -83,6 +83,12 @@ fn error_text(p: &ProjectorStatus, now: DateTime<Utc>, verbose: bool) -> String 
     if !p.waiting_for.is_empty() && p.state == ShownState::Ledger(State::Live) {
         return format!("waits for {}", p.waiting_for.join(", "));
     }
+    if p.error.is_none() && p.dead_letters > 0 {
+        return format!(
+            "{} dead letter(s) waiting: projectionist retry {}",
+            p.dead_letters, p.name
+        );
+    }
     let Some(e) = &p.error else {
         return String::new();
     };
@@ -120,9 +126,8 @@ pub fn table(report: &StatusReport, verbose: bool) -> String {
         let state = Cell::new(p.state.as_str()).fg(match p.state {
             ShownState::Ledger(State::Live | State::Finished) => Color::Green,
             ShownState::Ledger(State::Broken) => Color::Red,
-            ShownState::Ledger(State::Stalled | State::Booting) | ShownState::Orphaned => {
-                Color::Yellow
-            }
+            ShownState::Ledger(State::Stalled | State::Booting | State::Paused)
+            | ShownState::Orphaned => Color::Yellow,
             _ => Color::Reset,
         });
         t.add_row(vec![

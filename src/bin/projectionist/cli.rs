@@ -101,6 +101,22 @@ pub enum Command {
         after_help = "Examples:\n  projectionist retire old_band              # writes migrations/V{n}__retire_old_band.sql\n  projectionist retire old_band --dry-run    # prints it instead"
     )]
     Retire(RetireArgs),
+    /// List recorded failures and dead letters (position, type, stream, error, when, run, resolved).
+    #[command(
+        after_help = "Examples:\n  projectionist failures\n  projectionist failures band --json"
+    )]
+    Failures(FailuresArgs),
+    /// Apply a projector's dead letters again with the current handlers, in position order; exit 1 if any fails again.
+    #[command(
+        after_help = "Examples:\n  projectionist retry band                 # every dead letter of band\n  projectionist retry band --position 412  # only this one"
+    )]
+    Retry(RetryArgs),
+    /// Take projectors out of play (across restarts, deploys and runners) until `resume`.
+    #[command(after_help = "Example:\n  projectionist pause band")]
+    Pause(PauseArgs),
+    /// Put paused projectors back in the state they had.
+    #[command(after_help = "Example:\n  projectionist resume band")]
+    Resume(PauseArgs),
     /// Swap a kept previous version of a projector back in (the manifest's version), then catch it up.
     #[command(
         after_help = "Example (a deploy rolled back to the manifest with version 1 of band):\n  projectionist rollback band"
@@ -246,6 +262,34 @@ pub struct RetireArgs {
     pub dry_run: bool,
     #[command(flatten)]
     pub dir: DirArgs,
+}
+
+#[derive(Args, Debug)]
+pub struct FailuresArgs {
+    /// Only these projectors' failures.
+    pub names: Vec<String>,
+    #[command(flatten)]
+    pub output: JsonArgs,
+}
+
+#[derive(Args, Debug)]
+pub struct RetryArgs {
+    /// The projector whose dead letters are applied again.
+    pub name: String,
+    /// Only the dead letter at this position (repeatable).
+    #[arg(long = "position", value_name = "P")]
+    pub positions: Vec<i64>,
+    #[command(flatten)]
+    pub output: JsonArgs,
+}
+
+#[derive(Args, Debug)]
+pub struct PauseArgs {
+    /// The projectors.
+    #[arg(required = true)]
+    pub names: Vec<String>,
+    #[command(flatten)]
+    pub lock: LockArgs,
 }
 
 #[derive(Args, Debug)]

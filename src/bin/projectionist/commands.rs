@@ -65,6 +65,10 @@ pub async fn run(cli: Cli) -> Result<ExitStatus> {
         Command::Retire(args) => retire(g, args).await,
         Command::Verify(args) => verify(g, args).await,
         Command::Rollback(args) => rollback(g, args).await,
+        Command::Failures(args) => failures(g, args).await,
+        Command::Retry(args) => retry(g, args).await,
+        Command::Pause(args) => pause(g, args, true).await,
+        Command::Resume(args) => pause(g, args, false).await,
         Command::Prune(args) => prune(g, args).await,
         Command::Completions { shell } => {
             clap_complete::generate(
@@ -299,6 +303,52 @@ async fn retire(g: &cli::Global, args: cli::RetireArgs) -> Result<ExitStatus> {
             outln!(
                 "wrote {}\n  review it, commit it, and `projectionist migrate` applies it",
                 r.path.display()
+            );
+        }
+    }
+    Ok(ExitStatus::Success)
+}
+
+async fn failures(g: &cli::Global, args: cli::FailuresArgs) -> Result<ExitStatus> {
+    let ctx = context(g)?;
+    let failures = engine::retry::failures(&ctx, &args.names).await?;
+    if args.output.json {
+        outln!("{}", serde_json::to_string_pretty(&failures)?);
+    } else {
+        outln!("{}", report::failures::table(&failures));
+    }
+    Ok(ExitStatus::Success)
+}
+
+async fn retry(g: &cli::Global, args: cli::RetryArgs) -> Result<ExitStatus> {
+    let ctx = context(g)?;
+    let retried = engine::retry::retry(&ctx, &args.name, &args.positions).await?;
+    if args.output.json {
+        outln!("{}", serde_json::to_string_pretty(&retried)?);
+    } else if !g.quiet {
+        outln!("{}", report::failures::retried(&args.name, &retried));
+    }
+    Ok(if retried.iter().all(|r| r.ok) {
+        ExitStatus::Success
+    } else {
+        ExitStatus::Unhealthy
+    })
+}
+
+async fn pause(g: &cli::Global, args: cli::PauseArgs, pause: bool) -> Result<ExitStatus> {
+    let ctx = context(g)?;
+    for name in &args.names {
+        ctx.projector(name)?;
+    }
+    let done = engine::pause::set(&ctx, &args.names, pause, Some(args.lock.lock_timeout)).await?;
+    if !g.quiet {
+        for p in done {
+            outln!(
+                "{} {}: {} (was {})",
+                if pause { "paused" } else { "resumed" },
+                p.name,
+                p.to.as_str(),
+                p.from.as_str()
             );
         }
     }
