@@ -20,7 +20,7 @@ use crate::handlers::command::Delivery;
 use crate::handlers::sql::{BatchOutcome, CompiledProjector};
 use crate::ledger::{Advance, FailureKind, LockKey, Record, Run, State, Subject};
 use crate::manifest::Projector;
-use crate::store::{PassedHoles, Position, StoreShape};
+use crate::store::{PassedHoles, Partition, Position, StoreShape};
 
 /// What to do when a handler fails.
 #[derive(Clone, Copy, Debug, PartialEq, Eq)]
@@ -74,6 +74,9 @@ pub struct Player<'a> {
     pub lock_each_batch: bool,
     /// The record the batches move: the live row, or a build's.
     pub record: Record,
+    /// The part it plays of a partitioned projector (`shape` then reads only
+    /// that part's events).
+    pub partition: Option<Partition>,
 }
 
 /// A batch in its transaction.
@@ -96,14 +99,17 @@ impl Player<'_> {
     ) -> Result<Batch> {
         let time = self.shape.time_at(client, range.to).await?;
         let tx = client.transaction().await?;
-        if self.lock_each_batch
-            && !self
-                .ctx
-                .locks
-                .try_xact_lock(&tx, LockKey::Projector(&self.projector.name))
-                .await?
-        {
-            return Ok(Batch::Locked);
+        if self.lock_each_batch {
+            // The parts of a partitioned projector play side by side: they
+            // share the lock that boot and reset take alone.
+            let key = LockKey::Projector(&self.projector.name);
+            let locked = match self.partition {
+                None => self.ctx.locks.try_xact_lock(&tx, key).await?,
+                Some(_) => self.ctx.locks.try_xact_lock_shared(&tx, key).await?,
+            };
+            if !locked {
+                return Ok(Batch::Locked);
+            }
         }
         if let Some(why) = self.stale(&tx, range.from).await? {
             return Ok(Batch::Stale(why));
@@ -173,13 +179,22 @@ impl Player<'_> {
     /// Why the row is not this runner's to play any more, if it is not.
     async fn stale(&self, tx: &Transaction<'_>, from: Position) -> Result<Option<String>> {
         let p = self.projector;
-        let Some(row) = self.ctx.ledger.lock_row(tx, &p.name, self.record).await? else {
+        let ledger = &self.ctx.ledger;
+        let Some(row) = ledger
+            .lock_row(tx, &p.name, self.record, self.partition)
+            .await?
+        else {
             return Ok(Some("its ledger row is gone".into()));
         };
         Ok(if row.version != p.version {
             Some(format!(
                 "it is at version {} in the ledger, and this run plays version {}",
                 row.version, p.version
+            ))
+        } else if row.partitions != p.partitions {
+            Some(format!(
+                "it has {} partition(s) in the ledger, and this run plays {}",
+                row.partitions, p.partitions
             ))
         } else if row.state != self.state {
             Some(format!("it is {} now", row.state.as_str()))
@@ -199,6 +214,7 @@ impl Player<'_> {
             name: &self.projector.name,
             version: self.projector.version,
             record: self.record,
+            partition: self.partition,
         }
     }
 

@@ -15,7 +15,7 @@ use std::sync::Arc;
 use std::time::{Duration, Instant};
 
 use anyhow::{Context as _, Result};
-use tokio::sync::{Semaphore, watch};
+use tokio::sync::{OwnedSemaphorePermit, Semaphore, watch};
 use tokio_postgres::Client;
 use tokio_util::sync::CancellationToken;
 
@@ -28,7 +28,7 @@ use crate::handlers::Runner;
 use crate::ledger::{LateEvent, LedgerRow, LockKey, Record, Run, State, Subject};
 use crate::manifest::{Manifest, Mode, Projector};
 use crate::report::progress::{Progress, ProjectorProgress};
-use crate::store::{Plan, Position, Reader, StoreShape};
+use crate::store::{Partition, Plan, Position, Reader, StoreShape};
 
 #[derive(Clone, Debug)]
 pub struct BootOptions {
@@ -154,6 +154,21 @@ struct Shared {
     positions: HashMap<String, watch::Sender<(Position, bool)>>,
     opts: BootOptions,
     shape: StoreShape,
+    /// One per projector (or part of a partitioned one) booting at once (`--jobs`).
+    permits: Arc<Semaphore>,
+}
+
+impl Shared {
+    /// A permit to boot (`--jobs`), saying on the bar when it has to wait.
+    async fn turn(&self, bar: &ProjectorProgress) -> Option<OwnedSemaphorePermit> {
+        match self.permits.clone().try_acquire_owned() {
+            Ok(permit) => Some(permit),
+            Err(_) => {
+                bar.waiting(&format!("waiting for its turn (--jobs {})", self.opts.jobs));
+                self.permits.clone().acquire_owned().await.ok()
+            }
+        }
+    }
 }
 
 enum TaskEnd {
@@ -332,27 +347,17 @@ async fn run_plan(
             .collect(),
         opts: opts.clone(),
         shape,
+        permits: Arc::new(Semaphore::new(opts.jobs.max(1))),
     });
-    let permits = Arc::new(Semaphore::new(opts.jobs.max(1)));
     let mut tasks = tokio::task::JoinSet::new();
     // Spawned in dependency order: the semaphore is fair, so a projector never
     // holds a slot while what it waits for queues behind it.
     for selected in plan {
         let ctx = ctx.clone();
         let shared = shared.clone();
-        let permits = permits.clone();
         let bar = progress.projector(&selected.projector.name);
         tasks.spawn(async move {
-            let _permit = match permits.clone().try_acquire_owned() {
-                Ok(permit) => Ok(permit),
-                Err(_) => {
-                    bar.waiting(&format!(
-                        "waiting for its turn (--jobs {})",
-                        shared.opts.jobs
-                    ));
-                    permits.acquire_owned().await
-                }
-            };
+            let _permit = shared.turn(&bar).await;
             let name = selected.projector.name.clone();
             let task = Booting {
                 ctx: &ctx,
@@ -462,12 +467,21 @@ pub fn select(
                 );
                 continue;
             }
-            Some(r) if p.version > r.version || opts.rebuild.contains(&p.name) => {
+            Some(r)
+                if p.version > r.version
+                    || opts.rebuild.contains(&p.name)
+                    || (p.version == r.version && p.partitions != r.partitions) =>
+            {
                 if p.side_effects && !opts.allow_side_effects {
+                    let why = if p.partitions != r.partitions && p.version == r.version {
+                        format!("partitions {} → {}", r.partitions, p.partitions)
+                    } else {
+                        format!("version {} → {}", r.version, p.version)
+                    };
                     return Err(Failure::Usage(format!(
-                        "projector `{}` has side effects: rebuilding it (version {} → {}) replays them (every email sent again)\n  \
-                         if that is what you want, pass --allow-side-effects; otherwise keep its version at {}",
-                        p.name, r.version, p.version, r.version
+                        "projector `{}` has side effects: rebuilding it ({why}) replays them (every email sent again)\n  \
+                         if that is what you want, pass --allow-side-effects; otherwise keep its version at {} and its partitions at {}",
+                        p.name, r.version, r.partitions
                     ))
                     .into());
                 }
@@ -518,6 +532,11 @@ struct Booting<'a> {
 
 /// Where one projector's boot stands while it plays.
 struct Playing {
+    /// The part it plays of a partitioned projector, and where every part
+    /// stands (the projector's position is the lowest).
+    part: Option<(Partition, Arc<std::sync::Mutex<Vec<Position>>>)>,
+    /// Ends the run early (stalled): the boot is aborted, or another part broke.
+    stop: CancellationToken,
     pos: Position,
     /// Events handled so far.
     events: i64,
@@ -586,17 +605,22 @@ impl Booting<'_> {
         } else {
             (Record::Live, self.prepare(&mut client).await?)
         };
-        self.publish(start);
         let mut progress = Playing {
+            part: None,
+            stop: self.shared.abort.clone(),
             pos: start,
             events: 0,
             held_since: None,
             last_hold_note: Instant::now(),
             held_back: None,
         };
-        let end = self
-            .play_to_head(&mut client, record, &mut progress)
-            .await?;
+        self.publish(&progress, start);
+        let end = if self.p.partitions > 1 {
+            self.play_parts(&client, record, &mut progress).await?
+        } else {
+            self.play_to_head(&mut client, record, &mut progress)
+                .await?
+        };
         let events = progress.events;
         match end {
             Ended::Broken(kept, failure) => {
@@ -620,6 +644,7 @@ impl Booting<'_> {
                     name,
                     version: self.p.version,
                     record,
+                    partition: None,
                 };
                 ctx.ledger.set_state(&client, &subject, state).await?;
                 ctx.locks.unlock(&client, key).await.ok();
@@ -664,6 +689,7 @@ impl Booting<'_> {
             name,
             version: self.p.version,
             record: Record::Live,
+            partition: None,
         };
         ctx.ledger
             .set_state(client, &subject, State::Stalled)
@@ -714,7 +740,9 @@ impl Booting<'_> {
     ) -> Result<Ended> {
         let ctx = self.ctx;
         let shared = self.shared;
-        let shape = &shared.shape;
+        let partition = progress.part.as_ref().map(|(p, _)| *p);
+        let part_shape = partition.map(|p| shared.shape.partition(p));
+        let shape = part_shape.as_ref().unwrap_or(&shared.shape);
         let mut runner = Runner::new(
             shape,
             self.p,
@@ -732,12 +760,12 @@ impl Booting<'_> {
             state: State::Booting,
             lock_each_batch: false,
             record,
+            partition,
         };
         let mut reader = Reader::knowing_holes(ctx.ledger.known_holes_sql());
         let mut target = Target::default();
-        self.bar.set_position(progress.pos.id);
         let end = loop {
-            if shared.abort.is_cancelled() {
+            if progress.stop.is_cancelled() {
                 break Ended::State(State::Stalled);
             }
             target
@@ -788,8 +816,7 @@ impl Booting<'_> {
             Batch::Done { handled } => {
                 progress.events += handled;
                 progress.pos = end;
-                self.publish(end);
-                self.bar.set_position(end.id);
+                self.publish(progress, end);
                 Ok(None)
             }
             Batch::Failed {
@@ -798,8 +825,8 @@ impl Booting<'_> {
                 failure,
             } => {
                 progress.events += handled;
-                self.publish(kept);
-                self.bar.set_position(kept.id);
+                progress.pos = kept;
+                self.publish(progress, kept);
                 Ok(Some(Ended::Broken(kept, failure)))
             }
             Batch::Locked => anyhow::bail!(
@@ -906,14 +933,135 @@ impl Booting<'_> {
         Ok((bound, waiting))
     }
 
-    fn publish(&self, pos: Position) {
+    /// Publishes where the projector stands (for `after` and the bar): the
+    /// position of the run, or the lowest of its parts.
+    fn publish(&self, progress: &Playing, pos: Position) {
+        let pos = match &progress.part {
+            None => pos,
+            Some((part, all)) => {
+                let mut all = all.lock().unwrap_or_else(|e| e.into_inner());
+                all[part.index as usize] = pos;
+                all.iter().copied().min().unwrap_or(pos)
+            }
+        };
         if let Some(tx) = self.shared.positions.get(&self.p.name) {
             tx.send_modify(|v| v.0 = pos);
         }
+        self.bar.set_position(pos.id);
+    }
+
+    /// Plays the parts of a partitioned projector to the head side by side,
+    /// each on its own connection. The projector's own turn under `--jobs`
+    /// plays parts one after the other until none is left; more turns, as
+    /// they come free, play the others meanwhile. (Waiting for them first
+    /// could wait forever: a projector `after` this one may hold the last.)
+    /// The first part that breaks stops the others.
+    async fn play_parts(
+        &self,
+        client: &Client,
+        record: Record,
+        progress: &mut Playing,
+    ) -> Result<Ended> {
+        let parts = self.ctx.ledger.parts(client, &self.p.name, record).await?;
+        if parts.len() != self.p.partitions as usize {
+            anyhow::bail!(
+                "projector `{}` has {} partition rows in the ledger for {} partitions: was the ledger altered by hand? \
+                 `projectionist reset {}` rebuilds it",
+                self.p.name,
+                parts.len(),
+                self.p.partitions,
+                self.p.name
+            );
+        }
+        let all = Arc::new(std::sync::Mutex::new(
+            parts.iter().map(|r| r.position).collect::<Vec<_>>(),
+        ));
+        let queue = std::sync::Mutex::new(parts.into_iter().collect::<std::collections::VecDeque<_>>());
+        let drained = CancellationToken::new();
+        let stop = progress.stop.child_token();
+        let workers = (0..self.p.partitions).map(|w| {
+            let (queue, drained, stop, all) = (&queue, &drained, &stop, &all);
+            async move {
+                // The first worker has the projector's turn; the others wait for one.
+                let _turn = if w == 0 {
+                    None
+                } else {
+                    tokio::select! {
+                        turn = self.shared.permits.clone().acquire_owned() => turn.ok(),
+                        _ = drained.cancelled() => return Ok::<_, anyhow::Error>(Vec::new()),
+                    }
+                };
+                let mut ends = Vec::new();
+                loop {
+                    let next = {
+                        let mut queue = queue.lock().unwrap_or_else(|e| e.into_inner());
+                        let next = queue.pop_front();
+                        if queue.is_empty() {
+                            // Every part is taken: workers still waiting for a turn are not needed.
+                            drained.cancel();
+                        }
+                        next
+                    };
+                    let Some(row) = next else {
+                        return Ok(ends);
+                    };
+                    let mut own = Playing {
+                        part: Some((row.part(), all.clone())),
+                        stop: stop.clone(),
+                        pos: row.position,
+                        events: 0,
+                        held_since: None,
+                        last_hold_note: Instant::now(),
+                        held_back: None,
+                    };
+                    let mut part_client = self.ctx.connect("boot", Session::Holder).await?;
+                    let end = self.play_to_head(&mut part_client, record, &mut own).await;
+                    if matches!(end, Err(_) | Ok(Ended::Broken(..))) {
+                        stop.cancel();
+                    }
+                    ends.push((end?, own));
+                }
+            }
+        });
+        let mut combined: Option<Ended> = None;
+        for worker in futures_util::future::join_all(workers).await {
+            for (end, own) in worker? {
+                progress.events += own.events;
+                if progress.held_back.is_none() {
+                    progress.held_back = own.held_back;
+                }
+                combined = Some(match (combined, end) {
+                    (Some(Ended::Broken(k, f)), _) | (_, Ended::Broken(k, f)) => {
+                        Ended::Broken(k, f)
+                    }
+                    (Some(Ended::State(a)), Ended::State(b)) => Ended::State(weaker(a, b)),
+                    (None, e) => e,
+                });
+            }
+        }
+        progress.pos = all
+            .lock()
+            .unwrap_or_else(|e| e.into_inner())
+            .iter()
+            .copied()
+            .min()
+            .unwrap_or(progress.pos);
+        combined.ok_or_else(|| anyhow::anyhow!("projector `{}` has no partitions", self.p.name))
     }
 }
 
 /// The head a progress bar counts towards, looked up again once reached.
+/// The state of a partitioned projector whose parts ended in `a` and `b`:
+/// stalled if any stalled, still booting if any is, else the same.
+fn weaker(a: State, b: State) -> State {
+    let rank = |s: State| match s {
+        State::Stalled => 0,
+        State::Booting => 1,
+        _ => 2,
+    };
+    if rank(b) < rank(a) { b } else { a }
+}
+
 #[derive(Default)]
 struct Target {
     head: Option<i64>,
@@ -977,6 +1125,7 @@ mod tests {
             error_type: None,
             missing_since: None,
             updated_at: chrono::Utc::now(),
+            partitions: 1,
         }
     }
 

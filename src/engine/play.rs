@@ -35,7 +35,7 @@ use crate::handlers::Runner;
 use crate::ledger::{LockKey, Record, Run, State};
 use crate::manifest::{OnError, Projector};
 use crate::report::metrics::Metrics;
-use crate::store::{Plan, Position, Reader, StoreShape};
+use crate::store::{Partition, Plan, Position, Reader, StoreShape};
 
 #[derive(Clone, Debug)]
 pub struct PlayOptions {
@@ -290,6 +290,11 @@ impl Supervisor<'_> {
                     "version {} in the ledger, {} in the manifest: play leaves it alone; run `projectionist boot`, then restart play with the manifest that booted it",
                     row.version, p.version
                 ))
+            } else if row.partitions != p.partitions {
+                Some(format!(
+                    "{} partition(s) in the ledger, {} in the manifest: play leaves it alone; run `projectionist boot` (it rebuilds it), then restart play",
+                    row.partitions, p.partitions
+                ))
             } else if row.mode != p.mode {
                 Some(format!(
                     "mode {} in the ledger, {} in the manifest: restart play with the manifest that booted it",
@@ -306,52 +311,74 @@ impl Supervisor<'_> {
                 }
                 continue;
             }
-            if row.state != State::Live || self.workers.contains_key(&p.name) {
+            if row.state != State::Live {
                 continue;
             }
-            if ctx
-                .locks
-                .holder(client, LockKey::Owner(&p.name))
-                .await?
-                .is_some()
-            {
-                continue; // Another runner owns it.
-            }
-            let worker_client = ctx.connect("play", Session::Holder).await?;
-            if !ctx
-                .locks
-                .try_lock(&worker_client, LockKey::Owner(&p.name))
-                .await?
-            {
-                continue;
-            }
-            tracing::info!(
-                "playing projector `{}` from position {}",
-                p.name,
-                row.position
-            );
-            let worker = Worker {
-                ctx: ctx.clone(),
-                projector: p.clone(),
-                shape: self.shape.clone(),
-                opts: self.opts.clone(),
-                metrics: self.metrics.clone(),
-                wake: self.wake.clone(),
-                shutdown: self.shutdown.clone(),
+            let parts = Partition::all(p.partitions);
+            let parts: Vec<Option<Partition>> = if parts.is_empty() {
+                vec![None]
+            } else {
+                parts.into_iter().map(Some).collect()
             };
-            self.workers.insert(
-                p.name.clone(),
-                tokio::spawn(async move {
-                    let name = worker.projector.name.clone();
-                    if let Err(e) = worker.run(worker_client).await {
-                        tracing::warn!(
-                            "projector `{name}` paused: {}; it is taken again at the next poll",
-                            crate::error::render(&e)
-                        );
-                    }
-                }),
-            );
+            for part in parts {
+                self.take(client, p, part, row.position).await?;
+            }
         }
+        Ok(())
+    }
+
+    /// Takes a live projector (or one part of it) unless a runner plays it.
+    async fn take(
+        &mut self,
+        client: &Client,
+        p: &Projector,
+        part: Option<Partition>,
+        position: Position,
+    ) -> Result<()> {
+        let ctx = self.ctx;
+        let key = worker_key(&p.name, part);
+        if self.workers.contains_key(&key) {
+            return Ok(());
+        }
+        let owner = match part {
+            None => LockKey::Owner(&p.name),
+            Some(part) => LockKey::PartOwner(&p.name, part.index),
+        };
+        if ctx.locks.holder(client, owner).await?.is_some() {
+            return Ok(()); // Another runner owns it.
+        }
+        let worker_client = ctx.connect("play", Session::Holder).await?;
+        if !ctx.locks.try_lock(&worker_client, owner).await? {
+            return Ok(());
+        }
+        match part {
+            None => tracing::info!("playing projector `{}` from position {position}", p.name),
+            Some(part) => tracing::info!("playing {part} of projector `{}`", p.name),
+        }
+        let worker = Worker {
+            ctx: ctx.clone(),
+            projector: p.clone(),
+            partition: part,
+            shape: match part {
+                None => self.shape.clone(),
+                Some(part) => Arc::new(self.shape.partition(part)),
+            },
+            opts: self.opts.clone(),
+            metrics: self.metrics.clone(),
+            wake: self.wake.clone(),
+            shutdown: self.shutdown.clone(),
+        };
+        self.workers.insert(
+            key.clone(),
+            tokio::spawn(async move {
+                if let Err(e) = worker.run(worker_client).await {
+                    tracing::warn!(
+                        "projector `{key}`: this runner stopped playing it: {}; it is taken again at the next poll",
+                        crate::error::render(&e)
+                    );
+                }
+            }),
+        );
         Ok(())
     }
 
@@ -361,6 +388,14 @@ impl Supervisor<'_> {
         for (_, handle) in self.workers.drain() {
             handle.abort();
         }
+    }
+}
+
+/// The key of a runner: the projector, or `name#k` for its part k.
+fn worker_key(name: &str, part: Option<Partition>) -> String {
+    match part {
+        None => name.to_string(),
+        Some(p) => format!("{name}#{}", p.index),
     }
 }
 
@@ -404,6 +439,8 @@ fn listen(ctx: &Context, channel: &str, wake: watch::Sender<u64>) -> tokio::task
 struct Worker {
     ctx: Context,
     projector: Projector,
+    /// The part it plays of a partitioned projector; `shape` reads only its events.
+    partition: Option<Partition>,
     shape: Arc<StoreShape>,
     opts: PlayOptions,
     metrics: Arc<Metrics>,
@@ -481,7 +518,11 @@ impl Worker {
             }
         };
         runner.finish().await;
-        let _ = self.ctx.locks.unlock(&client, LockKey::Owner(&name)).await;
+        let owner = match self.partition {
+            None => LockKey::Owner(&name),
+            Some(part) => LockKey::PartOwner(&name, part.index),
+        };
+        let _ = self.ctx.locks.unlock(&client, owner).await;
         result
     }
 
@@ -518,7 +559,27 @@ impl Worker {
             );
             return Ok(Next::Leave);
         }
-        let pos = row.position;
+        if row.partitions != self.projector.partitions {
+            tracing::warn!(
+                "projector `{name}` has {} partition(s) now and this runner plays {}: it leaves the projector alone (restart play with the new manifest)",
+                row.partitions,
+                self.projector.partitions
+            );
+            return Ok(Next::Leave);
+        }
+        let pos = match self.partition {
+            None => row.position,
+            Some(part) => {
+                let own = ctx
+                    .database
+                    .within(ctx.ledger.part(&*client, name, part))
+                    .await??;
+                let Some(own) = own else {
+                    return Ok(Next::Leave);
+                };
+                own.position
+            }
+        };
         let bound = ctx.database.within(self.after_bound(client)).await??;
         let plan = ctx
             .database
@@ -544,6 +605,7 @@ impl Worker {
             state: State::Live,
             lock_each_batch: true,
             record: Record::Live,
+            partition: self.partition,
         };
         let range = Range {
             from: pos,

@@ -394,7 +394,7 @@ async fn swap_once(ctx: &Context, client: &mut Client, members: &[Member<'_>]) -
         ctx.locks.xact_lock(&tx, LockKey::Projector(name)).await?;
         let live = ctx
             .ledger
-            .lock_row(&tx, name, crate::ledger::Record::Live)
+            .lock_row(&tx, name, crate::ledger::Record::Live, None)
             .await?
             .ok_or_else(|| Failure::Usage(format!("projector `{name}` has no ledger row")))?;
         check_swappable(&tx, m.projector).await?;
@@ -902,6 +902,7 @@ pub async fn start_build(
         let same = b.version == p.version
             && b.mode == p.mode
             && b.tables == p.tables
+            && b.partitions == p.partitions
             && tables_exist(&*client, &b.stored).await?;
         if same {
             ctx.ledger.resume_build(&*client, b.id).await?;

@@ -63,6 +63,7 @@ pub async fn retry(ctx: &Context, name: &str, positions: &[i64]) -> Result<Vec<R
         name,
         version: p.version,
         record: Record::Live,
+        partition: None,
     };
     let mut done = Vec::new();
     for letter in letters {

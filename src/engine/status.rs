@@ -76,6 +76,18 @@ pub struct ProjectorStatus {
     pub kept_versions: Vec<i32>,
     /// Events skipped by `on_error = "skip"`, waiting for `retry`.
     pub dead_letters: i64,
+    /// A partitioned projector's parts (its position is the lowest); empty
+    /// when it is not partitioned.
+    pub partitions: Vec<PartStatus>,
+}
+
+/// One part of a partitioned projector.
+#[derive(Clone, Debug, serde::Serialize)]
+pub struct PartStatus {
+    pub partition: i32,
+    pub position: i64,
+    pub lag: i64,
+    pub events_processed: i64,
 }
 
 /// A version being built beside the live one.
@@ -192,6 +204,7 @@ impl ProjectorStatus {
             build: None,
             kept_versions: Vec::new(),
             dead_letters: 0,
+            partitions: Vec::new(),
         }
     }
 
@@ -230,6 +243,7 @@ pub async fn status(ctx: &Context, client: &Client) -> Result<StatusReport> {
     let late = crate::engine::late::find(ctx, &shape, client, &[]).await?;
     let versions = ctx.ledger.versions(client).await?;
     let dead_letters = ctx.ledger.dead_letters_waiting(client).await?;
+    let parts = ctx.ledger.live_parts(client).await?;
     let now = Utc::now();
     let head = Head {
         position: head_pos,
@@ -261,6 +275,17 @@ pub async fn status(ctx: &Context, client: &Client) -> Result<StatusReport> {
             .find(|(n, _)| *n == r.name)
             .map(|d| d.1)
             .unwrap_or(0);
+        if let Some((_, own)) = parts.iter().find(|(n, _)| *n == r.name) {
+            s.partitions = own
+                .iter()
+                .map(|x| PartStatus {
+                    partition: x.partition,
+                    position: x.position.id,
+                    lag: (head_pos - x.position.id).max(0),
+                    events_processed: x.events_processed,
+                })
+                .collect();
+        }
         for v in versions.iter().filter(|v| v.projector == r.name) {
             match v.kind {
                 Kind::Build => s.build = Some(BuildStatus::of(v, head_pos, now)),
@@ -348,6 +373,7 @@ fn from_row(
         build: None,
         kept_versions: Vec::new(),
         dead_letters: 0,
+        partitions: Vec::new(),
     }
 }
 

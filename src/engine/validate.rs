@@ -31,6 +31,7 @@ pub async fn validate(manifest: &Manifest, client: &mut Client) -> Result<StoreS
         checker.checks(p).await?;
         if let Some(shape) = &shape {
             checker.compiles(shape, p).await?;
+            checker.partitions(shape, p).await?;
         }
     }
     let problems = checker.problems;
@@ -166,6 +167,49 @@ impl Checker<'_> {
                     .help(text),
                 );
             }
+        }
+        Ok(())
+    }
+
+    /// A partitioned projector needs a stream to hash, and a server that
+    /// hashes text as partitions were designed for.
+    async fn partitions(&mut self, shape: &StoreShape, p: &Projector) -> Result<()> {
+        if p.partitions <= 1 {
+            return Ok(());
+        }
+        let span = p.partitions_span.clone().unwrap_or_else(|| p.span.clone());
+        if !shape.has_stream() {
+            self.problems.push(
+                Problem::new(
+                    span,
+                    format!(
+                        "projector `{}` is partitioned by stream, and the store has no stream",
+                        p.name
+                    ),
+                    "needs [store] stream",
+                )
+                .help("set `stream` in [store] (the column or expression naming each event's stream), or remove `partitions`"),
+            );
+            return Ok(());
+        }
+        let hash: i64 = self
+            .tx
+            .query_one("SELECT hashtextextended('projectionist', 0)", &[])
+            .await?
+            .col(0)?;
+        if hash != crate::store::HASH_CANARY {
+            self.problems.push(
+                Problem::new(
+                    span,
+                    format!(
+                        "this server hashes text differently from the servers partitions are designed for \
+                         (hashtextextended('projectionist', 0) = {hash}): the events of projector `{}` would move between its partitions",
+                        p.name
+                    ),
+                    "partitions unavailable on this server",
+                )
+                .help("remove `partitions` (boot then rebuilds the projector unpartitioned)"),
+            );
         }
         Ok(())
     }

@@ -107,7 +107,7 @@ pub async fn verify(
     let shape = StoreShape::inspect(&client, &ctx.manifest.store)
         .await
         .map_err(|p| ctx.manifest.error(p))?;
-    let results = run_checks(ctx, &shape, &mut client, names).await?;
+    let results = checks_settled(ctx, &shape, &mut client, names).await?;
     let mut failing: Vec<String> = results
         .iter()
         .filter(|r| r.result.fails())
@@ -128,18 +128,54 @@ pub async fn verify(
             boot: Default::default(),
         };
         crate::engine::reset::reset(ctx, &failing, &opts, progress).await?;
-        verification.after_heal = run_checks(ctx, &shape, &mut client, &failing).await?;
+        verification.after_heal = checks_settled(ctx, &shape, &mut client, &failing).await?;
         verification.healed = failing;
     }
     Ok(verification)
 }
 
-async fn run_checks(
+/// How many times a partitioned projector's checks are run again while its
+/// parts stand at different positions, and how long apart.
+const UNEVEN_TRIES: u32 = 10;
+const UNEVEN_PAUSE: std::time::Duration = std::time::Duration::from_millis(200);
+
+/// The checks, run again for partitioned projectors whose parts stood at
+/// different positions (their read model is then ahead of the lowest part:
+/// not comparable), until they stand together or the tries run out (BEHIND).
+async fn checks_settled(
     ctx: &Context,
     shape: &StoreShape,
     client: &mut Client,
     names: &[String],
 ) -> Result<Vec<CheckResult>> {
+    let (mut results, mut uneven) = run_checks(ctx, shape, client, names).await?;
+    for _ in 1..UNEVEN_TRIES {
+        let again: Vec<String> = uneven
+            .into_iter()
+            .filter(|n| results.iter().any(|r| &r.projector == n && r.result == Verdict::Behind))
+            .collect();
+        if again.is_empty() {
+            break;
+        }
+        tokio::time::sleep(UNEVEN_PAUSE).await;
+        let (retried, still) = run_checks(ctx, shape, client, &again).await?;
+        results.retain(|r| !again.contains(&r.projector));
+        results.extend(retried);
+        uneven = still;
+    }
+    let order: Vec<&str> = ctx.manifest.projectors.iter().map(|p| p.name.as_str()).collect();
+    results.sort_by_key(|r| order.iter().position(|n| *n == r.projector));
+    Ok(results)
+}
+
+/// The checks of `names` (empty: all) in one snapshot; also the partitioned
+/// projectors whose parts stood at different positions.
+async fn run_checks(
+    ctx: &Context,
+    shape: &StoreShape,
+    client: &mut Client,
+    names: &[String],
+) -> Result<(Vec<CheckResult>, Vec<String>)> {
     let tx = client
         .build_transaction()
         .isolation_level(tokio_postgres::IsolationLevel::RepeatableRead)
@@ -149,7 +185,9 @@ async fn run_checks(
     let rows = ctx.ledger.rows(&tx).await?;
     let head = shape.visible_head(&tx).await?.map(|(p, _)| p);
     let late = crate::engine::late::find(ctx, shape, &tx, names).await?;
+    let parts = ctx.ledger.live_parts(&tx).await?;
     let mut results = Vec::new();
+    let mut uneven_names = Vec::new();
     for p in &ctx.manifest.projectors {
         if !names.is_empty() && !names.contains(&p.name) {
             continue;
@@ -159,6 +197,14 @@ async fn run_checks(
             .find(|r| r.name == p.name)
             .map(|r| r.position)
             .unwrap_or(Position::START);
+        // A part ahead of the lowest has applied events past `position`.
+        let uneven = parts
+            .iter()
+            .find(|(n, _)| *n == p.name)
+            .is_some_and(|(_, parts)| parts.iter().any(|x| x.position != position));
+        if uneven {
+            uneven_names.push(p.name.clone());
+        }
         let behind = head.is_some_and(|h| position < h);
         for c in &p.checks {
             let values = [
@@ -185,6 +231,7 @@ async fn run_checks(
                 })?;
             let result = match (projection == events, at_position, behind) {
                 (true, _, _) => Verdict::Ok,
+                (false, _, _) if uneven => Verdict::Behind,
                 (false, false, true) => Verdict::Behind,
                 (false, _, _) => Verdict::Mismatch,
             };
@@ -215,7 +262,7 @@ async fn run_checks(
         }
     }
     tx.rollback().await?;
-    Ok(results)
+    Ok((results, uneven_names))
 }
 
 /// Rows as text (each column as PostgreSQL prints it), sorted: a multiset.

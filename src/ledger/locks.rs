@@ -23,6 +23,8 @@ pub enum LockKey<'a> {
     /// The runner that plays a projector (session lock on that projector's
     /// own connection, held while it plays): one runner per projector.
     Owner(&'a str),
+    /// The runner that plays one part of a partitioned projector.
+    PartOwner(&'a str, i32),
     /// A projector's version being built beside the live one (held while it
     /// builds; play goes on playing the live version meanwhile).
     Build(&'a str),
@@ -35,6 +37,7 @@ impl LockKey<'_> {
             LockKey::Migrate => "migrate".into(),
             LockKey::Projector(name) => format!("projector:{name}"),
             LockKey::Owner(name) => format!("owner:{name}"),
+            LockKey::PartOwner(name, part) => format!("owner:{name}#{part}"),
             LockKey::Build(name) => format!("build:{name}"),
         }
     }
@@ -46,6 +49,9 @@ impl LockKey<'_> {
             LockKey::Migrate => "migrate".into(),
             LockKey::Projector(name) => format!("projector `{name}`"),
             LockKey::Owner(name) => format!("the runner of projector `{name}`"),
+            LockKey::PartOwner(name, part) => {
+                format!("the runner of partition {part} of projector `{name}`")
+            }
             LockKey::Build(name) => format!("the build of projector `{name}`"),
         }
     }
@@ -107,6 +113,23 @@ impl Locks {
         client
             .query_one(
                 "SELECT pg_try_advisory_xact_lock(hashtext($1), hashtext($2))",
+                &[&self.namespace, &key.text()],
+            )
+            .await
+            .context("taking an advisory lock")?
+            .col(0)
+    }
+
+    /// Tries a shared transaction-level lock: held with other shared ones,
+    /// never with the exclusive one.
+    pub async fn try_xact_lock_shared(
+        &self,
+        client: &impl GenericClient,
+        key: LockKey<'_>,
+    ) -> Result<bool> {
+        client
+            .query_one(
+                "SELECT pg_try_advisory_xact_lock_shared(hashtext($1), hashtext($2))",
                 &[&self.namespace, &key.text()],
             )
             .await

@@ -8,6 +8,7 @@
 
 pub mod locks;
 pub mod operator;
+pub mod partitions;
 pub mod versions;
 
 use anyhow::{Context, Result};
@@ -22,7 +23,7 @@ use crate::db::{RowExt, quote_ident};
 use crate::error::Failure;
 use crate::failure::HandlerFailure;
 use crate::manifest::{Mode, Projector};
-use crate::store::{PassedHoles, Position, StoreShape};
+use crate::store::{PassedHoles, Partition, Position, StoreShape};
 
 /// The ledger's migrations, in order. `__SCHEMA__` is the quoted schema.
 const MIGRATIONS: &[(&str, &str)] = &[
@@ -36,6 +37,7 @@ const MIGRATIONS: &[(&str, &str)] = &[
         "V4__operator_tools",
         include_str!("migrations/V4__operator_tools.sql"),
     ),
+    ("V5__partitions", include_str!("migrations/V5__partitions.sql")),
 ];
 
 /// The columns of `projectors` projectionist reads and writes, with their types.
@@ -60,10 +62,18 @@ const PROJECTOR_COLUMNS: &[(&str, &str)] = &[
     ("missing_since", "timestamp with time zone"),
     ("updated_at", "timestamp with time zone"),
     ("paused_state", "text"),
+    ("partitions", "integer"),
 ];
 
 /// The ledger's tables, for checking that none was dropped.
-const TABLES: [&str; 5] = ["projectors", "failures", "holes", "late_events", "versions"];
+const TABLES: [&str; 6] = [
+    "projectors",
+    "failures",
+    "holes",
+    "late_events",
+    "versions",
+    "partitions",
+];
 
 /// The states that have a ledger row.
 #[derive(Clone, Copy, Debug, PartialEq, Eq, serde::Serialize)]
@@ -134,6 +144,8 @@ pub struct LedgerRow {
     pub error_type: Option<String>,
     pub missing_since: Option<DateTime<Utc>>,
     pub updated_at: DateTime<Utc>,
+    /// The parts its events are split into (1: not partitioned).
+    pub partitions: i32,
 }
 
 /// What a recorded failure did to its projector.
@@ -254,12 +266,14 @@ pub enum Record {
 }
 
 /// Whose record: the projector, the version its runner plays (its
-/// handlers), and which of its records.
+/// handlers), which of its records, and of a partitioned projector which
+/// part (whose position the runner moves; the state stays the record's).
 #[derive(Clone, Copy, Debug)]
 pub struct Subject<'a> {
     pub name: &'a str,
     pub version: i32,
     pub record: Record,
+    pub partition: Option<Partition>,
 }
 
 /// A move of a projector's position, guarded by where it was and its version.
@@ -337,11 +351,11 @@ pub struct Ledger {
 }
 
 const ROW_COLUMNS: &str = "name, mode, state, position, tx::text, event_time, version, side_effects, tables, \
-     events_processed, error, error_position, error_type, missing_since, updated_at";
+     events_processed, error, error_position, error_type, missing_since, updated_at, partitions";
 
 /// The same columns, of a version being built.
 const BUILD_ROW_COLUMNS: &str = "projector, mode, state, position, tx::text, event_time, version, false, tables, \
-     events_processed, error, error_position, error_type, NULL::timestamptz, updated_at";
+     events_processed, error, error_position, error_type, NULL::timestamptz, updated_at, partitions";
 
 impl Ledger {
     pub fn new(schema: &str) -> Ledger {
@@ -504,24 +518,42 @@ impl Ledger {
     /// Locks a projector's record (its live row, or its build's) for the rest
     /// of the transaction and reads it: a batch starts here, so it sees the
     /// record as it is and nobody changes it (a rebuild, a reset, a swap)
-    /// until the batch commits.
+    /// until the batch commits. A part of a partitioned projector shares the
+    /// record's lock with the other parts (they run side by side) and locks
+    /// its own row, whose position it reads.
     pub async fn lock_row(
         &self,
         client: &impl GenericClient,
         name: &str,
         record: Record,
+        partition: Option<Partition>,
     ) -> Result<Option<LedgerRow>> {
-        match record {
-            Record::Live => self.one_row(client, name, " FOR NO KEY UPDATE").await,
+        let locking = match partition {
+            None => " FOR NO KEY UPDATE",
+            Some(_) => " FOR KEY SHARE",
+        };
+        let row = match record {
+            Record::Live => self.one_row(client, name, locking).await?,
             Record::Build(id) => {
                 let sql = format!(
-                    "SELECT {BUILD_ROW_COLUMNS} FROM {} WHERE id = $1 AND kind = 'build' FOR NO KEY UPDATE",
+                    "SELECT {BUILD_ROW_COLUMNS} FROM {} WHERE id = $1 AND kind = 'build'{locking}",
                     self.table("versions")
                 );
                 let rows: Vec<LedgerRow> =
                     select(client, &sql, &[&id], "reading a build's ledger row").await?;
-                Ok(rows.into_iter().next())
+                rows.into_iter().next()
             }
+        };
+        match (row, partition) {
+            (Some(mut row), Some(part)) => {
+                let Some(own) = self.lock_part(client, name, record, part).await? else {
+                    return Ok(None);
+                };
+                row.position = own.position;
+                row.event_time = own.event_time;
+                Ok(Some(row))
+            }
+            (row, _) => Ok(row),
         }
     }
 
@@ -540,13 +572,34 @@ impl Ledger {
     }
 
     /// The table and condition (on `$1`, text) of a subject's record.
-    fn target(&self, s: &Subject<'_>) -> (String, &'static str, String) {
+    fn target(&self, s: &Subject<'_>) -> (String, String, String) {
         match s.record {
-            Record::Live => (self.table("projectors"), "name = $1", s.name.to_string()),
+            Record::Live => (
+                self.table("projectors"),
+                "name = $1".into(),
+                s.name.to_string(),
+            ),
             Record::Build(id) => (
                 self.table("versions"),
-                "id = $1::text::bigint",
+                "id = $1::text::bigint".into(),
                 id.to_string(),
+            ),
+        }
+    }
+
+    /// The table and condition (on `$1`, text) of the row holding a
+    /// subject's position: its record's, or its part's.
+    fn position_target(&self, s: &Subject<'_>) -> (String, String, String) {
+        match s.partition {
+            None => self.target(s),
+            Some(part) => (
+                self.table("partitions"),
+                format!(
+                    "projector = $1 AND {} AND partition = {}",
+                    partitions::record_condition(s.record),
+                    part.index
+                ),
+                s.name.to_string(),
             ),
         }
     }
@@ -576,7 +629,7 @@ impl Ledger {
     /// runners from both applying a batch, and a runner of another version
     /// from writing into this one.
     pub async fn advance(&self, client: &impl GenericClient, a: &Advance<'_>) -> Result<()> {
-        let (table, key, id) = self.target(&a.subject);
+        let (table, key, id) = self.position_target(&a.subject);
         let n = client
             .execute(
                 &format!(
@@ -599,11 +652,19 @@ impl Ledger {
             .context("updating the position")?;
         if n != 1 {
             anyhow::bail!(
-                "the ledger row of projector `{}` changed while this run held it (its position moved from {}, or its version is no longer {}): another runner is playing it",
+                "the ledger row of projector `{}`{} changed while this run held it (its position moved from {}, or its version is no longer {}): another runner is playing it",
                 a.subject.name,
+                a.subject
+                    .partition
+                    .map(|p| format!(" ({p})"))
+                    .unwrap_or_default(),
                 a.from,
                 a.subject.version
             );
+        }
+        if a.subject.partition.is_some() {
+            self.refresh_parts(client, a.subject.name, a.subject.record)
+                .await?;
         }
         Ok(())
     }
@@ -690,11 +751,12 @@ impl Ledger {
         client
             .execute(
                 &format!(
-                    "INSERT INTO {} (name, mode, state, position, tx, event_time, version, side_effects, tables) \
-                     VALUES ($1, $2, 'booting', $3, $4::text::xid8, $5, $6, $7, $8) \
+                    "INSERT INTO {} (name, mode, state, position, tx, event_time, version, side_effects, tables, partitions) \
+                     VALUES ($1, $2, 'booting', $3, $4::text::xid8, $5, $6, $7, $8, $9) \
                      ON CONFLICT (name) DO UPDATE SET mode = EXCLUDED.mode, state = 'booting', position = EXCLUDED.position, \
                        tx = EXCLUDED.tx, event_time = EXCLUDED.event_time, version = EXCLUDED.version, \
-                       side_effects = EXCLUDED.side_effects, tables = EXCLUDED.tables, events_processed = 0, \
+                       side_effects = EXCLUDED.side_effects, tables = EXCLUDED.tables, partitions = EXCLUDED.partitions, \
+                       events_processed = 0, \
                        error = NULL, error_detail = NULL, error_hint = NULL, error_position = NULL, error_type = NULL, \
                        error_stream = NULL, error_at = NULL, missing_since = NULL, updated_at = now()",
                     self.table("projectors")
@@ -708,10 +770,18 @@ impl Ledger {
                     &p.version,
                     &p.side_effects,
                     &p.tables,
+                    &p.partitions,
                 ],
             )
             .await
             .context("recording a projector in the ledger")?;
+        self.start_parts(
+            client,
+            (&p.name, p.version, p.partitions),
+            Record::Live,
+            (position, event_time),
+        )
+        .await?;
         client
             .execute(
                 &format!(
@@ -783,8 +853,9 @@ impl Ledger {
         client
             .execute(
                 &format!(
-                    "INSERT INTO {} (projector, first_position, last_position, lo, len, stride, n, first_seen, version, version_id) \
-                     VALUES ($1, $2, $3, $4, $5, $6, $7, $8, $9, $10)",
+                    "INSERT INTO {} (projector, first_position, last_position, lo, len, stride, n, first_seen, version, version_id, \
+                       partition, partitions) \
+                     VALUES ($1, $2, $3, $4, $5, $6, $7, $8, $9, $10, $11, $12)",
                     self.table("holes")
                 ),
                 &[
@@ -801,6 +872,8 @@ impl Ledger {
                         Record::Live => None,
                         Record::Build(id) => Some(id),
                     },
+                    &subject.partition.map(|p| p.index),
+                    &subject.partition.map(|p| p.count),
                 ],
             )
             .await
@@ -863,18 +936,21 @@ impl Ledger {
             return Ok(Vec::new());
         }
         let sql = format!(
-            "WITH g AS (SELECT h.projector, x.pj_lo, x.pj_len, x.pj_stride, x.pj_n FROM {holes} h \
+            "WITH g AS (SELECT h.projector, h.partition, h.partitions, x.pj_lo, x.pj_len, x.pj_stride, x.pj_n FROM {holes} h \
                 CROSS JOIN LATERAL unnest(h.lo, h.len, h.stride, h.n) AS x(pj_lo, pj_len, pj_stride, pj_n) \
                 WHERE h.projector IS NOT NULL AND h.version_id IS NULL \
                   AND (cardinality($1::text[]) = 0 OR h.projector = ANY($1))), \
              d AS (SELECT DISTINCT pj_lo, pj_len, pj_stride, pj_n FROM g), \
-             f AS (SELECT d.pj_lo, d.pj_len, d.pj_stride, d.pj_n, l.pj_position, l.pj_type FROM d CROSS JOIN LATERAL ( \
-                SELECT {pos}::bigint AS pj_position, {ty} AS pj_type FROM {rel} \
+             f AS (SELECT d.pj_lo, d.pj_len, d.pj_stride, d.pj_n, l.pj_position, l.pj_type, l.pj_stream FROM d CROSS JOIN LATERAL ( \
+                SELECT {pos}::bigint AS pj_position, {ty} AS pj_type, {stream} AS pj_stream FROM {rel} \
                 WHERE {pos} >= d.pj_lo AND {pos} <= d.pj_lo + d.pj_stride * (d.pj_n - 1) + d.pj_len - 1 \
                   AND (d.pj_stride = 0 OR ({pos} - d.pj_lo) % d.pj_stride < d.pj_len) AND {filter} \
                 ORDER BY {pos} LIMIT 100) l) \
-             SELECT g.projector, f.pj_position, f.pj_type FROM g JOIN f USING (pj_lo, pj_len, pj_stride, pj_n) \
+             SELECT DISTINCT g.projector, f.pj_position, f.pj_type FROM g JOIN f USING (pj_lo, pj_len, pj_stride, pj_n) \
+             WHERE g.partition IS NULL OR {part} = g.partition \
              ORDER BY 1, 2 LIMIT 1000",
+            part = crate::store::partition_of("f.pj_stream", "g.partitions"),
+            stream = shape.stream_expr(),
             holes = self.table("holes"),
             pos = shape.position_expr(),
             ty = shape.type_expr(),
@@ -936,6 +1012,7 @@ impl FromRow for LedgerRow {
             error_type: r.col(12)?,
             missing_since: r.col(13)?,
             updated_at: r.col(14)?,
+            partitions: r.col(15)?,
         })
     }
 }

@@ -6,7 +6,7 @@ use anyhow::{Context, Result};
 use chrono::{DateTime, Utc};
 use tokio_postgres::{GenericClient, Row};
 
-use super::{FromRow, Ledger, LedgerRow, State, altered, select};
+use super::{FromRow, Ledger, LedgerRow, Record, State, altered, select};
 use crate::db::RowExt;
 use crate::manifest::{Mode, Projector};
 use crate::store::Position;
@@ -46,10 +46,12 @@ pub struct VersionRow {
     pub renamed: serde_json::Value,
     pub error: Option<String>,
     pub kept_since: Option<DateTime<Utc>>,
+    /// The parts its events are split into (1: not partitioned).
+    pub partitions: i32,
 }
 
 const VERSION_COLUMNS: &str = "id, projector, version, kind, mode, state, position, tx::text, events_processed, \
-     event_time, start_position, started_at, tables, stored, renamed, error, kept_since";
+     event_time, start_position, started_at, tables, stored, renamed, error, kept_since, partitions";
 
 impl FromRow for VersionRow {
     fn from_row(r: &Row) -> Result<VersionRow> {
@@ -76,6 +78,7 @@ impl FromRow for VersionRow {
             renamed: r.col(14)?,
             error: r.col(15)?,
             kept_since: r.col(16)?,
+            partitions: r.col(17)?,
         })
     }
 }
@@ -135,12 +138,12 @@ impl Ledger {
         (start, time): (Position, Option<DateTime<Utc>>),
         stored: &[String],
     ) -> Result<i64> {
-        client
+        let id: i64 = client
             .query_one(
                 &format!(
                     "INSERT INTO {} (projector, version, kind, mode, state, position, tx, event_time, \
-                       start_position, tables, stored) \
-                     VALUES ($1, $2, 'build', $3, 'booting', $4, $5::text::xid8, $6, $4, $7, $8) RETURNING id",
+                       start_position, tables, stored, partitions) \
+                     VALUES ($1, $2, 'build', $3, 'booting', $4, $5::text::xid8, $6, $4, $7, $8, $9) RETURNING id",
                     self.table("versions")
                 ),
                 &[
@@ -152,11 +155,20 @@ impl Ledger {
                     &time,
                     &p.tables,
                     &stored,
+                    &p.partitions,
                 ],
             )
             .await
             .context("recording a build")?
-            .col(0)
+            .col(0)?;
+        self.start_parts(
+            client,
+            (&p.name, p.version, p.partitions),
+            Record::Build(id),
+            (start, time),
+        )
+        .await?;
+        Ok(id)
     }
 
     /// Forgets a version's record (its tables are dropped by the caller);
@@ -213,8 +225,8 @@ impl Ledger {
             .query_one(
                 &format!(
                     "INSERT INTO {} (projector, version, kind, mode, state, position, tx, event_time, \
-                       events_processed, tables, stored, renamed, kept_since) \
-                     VALUES ($1, $2, 'previous', $3, 'kept', $4, $5::text::xid8, $6, $7, $8, $9, $10, now()) \
+                       events_processed, tables, stored, renamed, kept_since, partitions) \
+                     VALUES ($1, $2, 'previous', $3, 'kept', $4, $5::text::xid8, $6, $7, $8, $9, $10, now(), $11) \
                      RETURNING id",
                     self.table("versions")
                 ),
@@ -229,6 +241,7 @@ impl Ledger {
                     &live.tables,
                     &stored,
                     renamed,
+                    &live.partitions,
                 ],
             )
             .await
@@ -246,11 +259,13 @@ impl Ledger {
             )
             .await
             .context("handing the holes over")?;
+        self.exchange_parts(client, &live.name, kept, incoming.id)
+            .await?;
         client
             .execute(
                 &format!(
                     "UPDATE {} SET version = $2, mode = $3, state = $4, position = $5, tx = $6::text::xid8, \
-                       event_time = $7, events_processed = $8, tables = $9, error = NULL, error_detail = NULL, \
+                       event_time = $7, events_processed = $8, tables = $9, partitions = $10, error = NULL, error_detail = NULL, \
                        error_hint = NULL, error_position = NULL, error_type = NULL, error_stream = NULL, \
                        error_at = NULL, updated_at = now() WHERE name = $1",
                     self.table("projectors")
@@ -265,6 +280,7 @@ impl Ledger {
                     &incoming.event_time,
                     &incoming.events_processed,
                     &incoming.tables,
+                    &incoming.partitions,
                 ],
             )
             .await

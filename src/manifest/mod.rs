@@ -140,6 +140,11 @@ pub struct Projector {
     pub rebuild: Rebuild,
     /// SQL run on the build's tables before a rebuild beside replays (a new column, an index).
     pub prepare: Option<String>,
+    /// Parts its events are split into by a hash of the stream, each with its
+    /// own position, played concurrently (1: not partitioned).
+    pub partitions: i32,
+    /// Where `partitions` is, for errors.
+    pub partitions_span: Option<Span>,
     pub on_error: OnError,
     pub max_retries: u32,
     pub ack_timeout: Duration,

@@ -49,7 +49,11 @@ const PROJECTOR_KEYS: &[&str] = &[
     "ack_timeout",
     "rebuild",
     "prepare",
+    "partitions",
+    "partition_by",
 ];
+/// The most partitions a projector may have (each is a connection while it boots and plays).
+const MAX_PARTITIONS: i64 = 64;
 const CHECK_KEYS: &[&str] = &["name", "projection", "events"];
 
 pub(super) fn parse(path: &Path, source: String) -> Result<Manifest, ManifestError> {
@@ -408,6 +412,8 @@ impl<'s> Walker<'s> {
             reset: None,
             rebuild: Rebuild::Swap,
             prepare: None,
+            partitions: 1,
+            partitions_span: None,
             on_error: OnError::Stop,
             max_retries: 5,
             ack_timeout: Duration::from_secs(30),
@@ -558,6 +564,24 @@ impl<'s> Walker<'s> {
                 }
             }
             "max_retries" => p.max_retries = self.integer(v, &what, 0, 1000).unwrap_or(5) as u32,
+            "partitions" => {
+                p.partitions = self.integer(v, &what, 1, MAX_PARTITIONS).unwrap_or(1) as i32;
+                p.partitions_span = Some(v.span());
+            }
+            "partition_by" => {
+                if let Some(by) = self.string(v, &what)
+                    && by != "stream"
+                {
+                    self.problems.push(
+                        Problem::new(
+                            v.span(),
+                            format!("unknown partition_by `{by}` for projector `{name}`"),
+                            "unknown partition_by",
+                        )
+                        .help("partition_by is \"stream\" (a hash of the event's stream), the only kind for now"),
+                    );
+                }
+            }
             "ack_timeout" => {
                 if let Some(d) = self.duration(v, &what) {
                     p.ack_timeout = d;

@@ -340,6 +340,7 @@ mod tests {
             error_type: None,
             missing_since: None,
             updated_at: chrono::Utc::now(),
+            partitions: 1,
         };
         let rows = [row];
         m.observe(&rows, 10, None);

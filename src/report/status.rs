@@ -286,6 +286,16 @@ fn fields(p: &ProjectorStatus, report: &StatusReport) -> Vec<(&'static str, Stri
             ),
         ));
     }
+    if !p.partitions.is_empty() {
+        out.push((
+            "partitions",
+            p.partitions
+                .iter()
+                .map(|x| format!("#{} at {} (lag {})", x.partition, x.position, x.lag))
+                .collect::<Vec<_>>()
+                .join(", "),
+        ));
+    }
     if !p.kept_versions.is_empty() {
         out.push((
             "kept versions",

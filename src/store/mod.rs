@@ -19,6 +19,7 @@ use tokio_postgres::{Client, GenericClient};
 
 pub use reader::{Holder, PassedHoles, Plan, Reader};
 
+
 use crate::db::{RowExt, quote_ident, quote_literal, quote_qualified};
 use crate::manifest::{Problem, Span, Store};
 
@@ -53,6 +54,43 @@ impl std::fmt::Display for Position {
         write!(f, "{}", self.id)
     }
 }
+
+/// One part of a partitioned projector's events: those whose stream hashes
+/// to `index` among `count` parts. Events without a stream are in part 0.
+#[derive(Clone, Copy, Debug, PartialEq, Eq, Hash)]
+pub struct Partition {
+    pub index: i32,
+    pub count: i32,
+}
+
+impl Partition {
+    /// The parts of a projector with `count` partitions (none when it has one).
+    pub fn all(count: i32) -> Vec<Partition> {
+        if count <= 1 {
+            return Vec::new();
+        }
+        (0..count).map(|index| Partition { index, count }).collect()
+    }
+}
+
+impl std::fmt::Display for Partition {
+    fn fmt(&self, f: &mut std::fmt::Formatter<'_>) -> std::fmt::Result {
+        write!(f, "partition {} of {}", self.index, self.count)
+    }
+}
+
+/// The part (0 to `count` - 1, an SQL expression) an event of stream
+/// `stream` (text) belongs to. `hashtextextended` is the hash PostgreSQL's
+/// own hash partitioning uses, so it stays the same across versions; see
+/// [`HASH_CANARY`].
+pub fn partition_of(stream: &str, count: &str) -> String {
+    format!("coalesce(abs(hashtextextended({stream}, 0) % {count}), 0)")
+}
+
+/// `hashtextextended('projectionist', 0)` on the servers partitions were
+/// designed on: a server that hashes differently (another byte order)
+/// would move events between parts, so partitioned projectors refuse it.
+pub const HASH_CANARY: i64 = 1_318_145_273_096_030_278;
 
 /// How a payload column is turned into jsonb.
 #[derive(Clone, Debug, PartialEq, Eq)]
@@ -389,6 +427,11 @@ impl StoreShape {
         self.event_type.clone()
     }
 
+    /// Whether events have a stream (`[store] stream`).
+    pub fn has_stream(&self) -> bool {
+        self.stream.is_some()
+    }
+
     /// The stream of `e`, as text (NULL without one).
     pub fn stream_expr(&self) -> String {
         self.stream.clone().unwrap_or_else(|| "NULL::text".into())
@@ -414,6 +457,20 @@ impl StoreShape {
         match &self.filter {
             Some(f) => format!("({f})"),
             None => "true".into(),
+        }
+    }
+
+    /// The events of one part of a partitioned projector: this store with
+    /// the part's condition added to its filter.
+    pub fn partition(&self, part: Partition) -> StoreShape {
+        let of = partition_of(&self.stream_expr(), &part.count.to_string());
+        let condition = format!("{of} = {}", part.index);
+        StoreShape {
+            filter: Some(match &self.filter {
+                Some(f) => format!("({f}) AND {condition}"),
+                None => condition,
+            }),
+            ..self.clone()
         }
     }
 

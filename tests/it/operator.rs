@@ -56,20 +56,33 @@ fn sample(metrics: &str, series: &str) -> Option<f64> {
     })
 }
 
-/// Scrapes `/metrics` until `series` has the value `want`; returns the body.
-async fn wait_for_sample(port: u16, series: &str, want: f64, players: &[&Player]) -> String {
+/// Scrapes `/metrics` until `cond` holds for the body; returns the body.
+/// (One scrape may show one gauge of a supervision pass updated and the next
+/// not yet: wait for every value a check needs together.)
+async fn wait_for_metrics(
+    port: u16,
+    what: &str,
+    players: &[&Player],
+    cond: impl Fn(&str) -> bool,
+) -> String {
     let mut body = String::new();
-    wait_for(
-        &format!("`{series} {want}` in the metrics"),
-        PATIENCE,
-        players,
-        async || {
-            body = get_metrics(port).await.unwrap_or_default();
-            sample(&body, series) == Some(want)
-        },
-    )
+    wait_for(what, PATIENCE, players, async || {
+        body = get_metrics(port).await.unwrap_or_default();
+        cond(&body)
+    })
     .await;
     body
+}
+
+/// Scrapes `/metrics` until `series` has the value `want`; returns the body.
+async fn wait_for_sample(port: u16, series: &str, want: f64, players: &[&Player]) -> String {
+    wait_for_metrics(
+        port,
+        &format!("`{series} {want}` in the metrics"),
+        players,
+        |body| sample(body, series) == Some(want),
+    )
+    .await
 }
 
 /// `failures [NAME] --json`, parsed.
@@ -557,18 +570,29 @@ async fn a_paused_projector_stays_paused_across_runners_restarts_and_boot_until_
     add_things(&c, 100).await;
     db.run(&["boot", "op_paused", "op_ctl"]).expect(0);
 
-    // Runner 1 owns both; runner 2 stands by.
-    let mut r1 = Player::start(&db, "r1", &["--poll", "200ms"]);
+    // Runner 1 owns both; runner 2 stands by (and serves metrics).
+    let opts = ["--poll", "200ms"];
+    let mut r1 = Player::start(&db, "r1", &opts);
     wait_for("runner 1 to own both", PATIENCE, &[&r1], async || {
         owned_by(&c, &r1).await == ["op_ctl", "op_paused"]
     })
     .await;
-    let r2 = Player::start(&db, "r2", &["--poll", "200ms"]);
+    let port = free_port();
+    let addr = format!("127.0.0.1:{port}");
+    let r2 = Player::start(&db, "r2", &[&opts[..], &["--metrics", &addr]].concat());
+    wait_for_sample(
+        port,
+        "projectionist_state{projector=\"op_paused\",state=\"live\"}",
+        1.0,
+        &[&r2],
+    )
+    .await;
     let h = add_things(&c, 10).await;
     wait_for("both at the head", PATIENCE, &[&r1, &r2], async || {
         position(&c, "op_paused").await == h && position(&c, "op_ctl").await == h
     })
     .await;
+    assert_eq!(owned_by(&c, &r1).await, ["op_ctl", "op_paused"]);
 
     let run = db.run(&["pause", "op_paused"]);
     run.expect(0);
@@ -577,7 +601,11 @@ async fn a_paused_projector_stays_paused_across_runners_restarts_and_boot_until_
         "{}",
         run.stdout
     );
-    assert_eq!(ledger(&c, "op_paused").await, Some(("paused".into(), h)));
+    let paused_at = h;
+    assert_eq!(
+        ledger(&c, "op_paused").await,
+        Some(("paused".into(), paused_at))
+    );
     let status = db.run(&["status"]);
     status.expect(0);
     assert!(
@@ -586,6 +614,21 @@ async fn a_paused_projector_stays_paused_across_runners_restarts_and_boot_until_
         status.stdout
     );
     assert_eq!(status_of(&db, "op_paused")["state"], "paused");
+    let body = wait_for_sample(
+        port,
+        "projectionist_state{projector=\"op_paused\",state=\"paused\"}",
+        1.0,
+        &[&r2],
+    )
+    .await;
+    assert_eq!(
+        sample(
+            &body,
+            "projectionist_state{projector=\"op_paused\",state=\"live\"}"
+        ),
+        Some(0.0),
+        "{body}"
+    );
     // The runner that played it lets it go.
     wait_for(
         "no runner to own op_paused",
@@ -605,7 +648,7 @@ async fn a_paused_projector_stays_paused_across_runners_restarts_and_boot_until_
         tokio::time::sleep(Duration::from_secs(2)).await;
         assert_eq!(
             ledger(&c, "op_paused").await.unwrap(),
-            ("paused".into(), 110),
+            ("paused".into(), paused_at),
             "{what}: the paused projector moved\n{}",
             players
                 .iter()
@@ -613,14 +656,17 @@ async fn a_paused_projector_stays_paused_across_runners_restarts_and_boot_until_
                 .collect::<Vec<_>>()
                 .join("\n")
         );
-        assert_eq!(count(&c, "SELECT count(*) FROM op_paused_log").await, 110);
+        assert_eq!(
+            count(&c, "SELECT count(*) FROM op_paused_log").await,
+            paused_at
+        );
         h
     };
     quiet("op_ctl to play the new events (two runners)", &[&r1, &r2]).await;
 
     // The runner that owned it dies; a new one starts: still paused.
     r1.sigkill();
-    let r3 = Player::start(&db, "r3", &["--poll", "200ms"]);
+    let r3 = Player::start(&db, "r3", &opts);
     wait_for(
         "a runner to own op_ctl again",
         PATIENCE,
@@ -649,8 +695,14 @@ async fn a_paused_projector_stays_paused_across_runners_restarts_and_boot_until_
         "{}",
         run.stderr
     );
-    assert_eq!(ledger(&c, "op_paused").await, Some(("paused".into(), 110)));
-    assert_eq!(count(&c, "SELECT count(*) FROM op_paused_log").await, 110);
+    assert_eq!(
+        ledger(&c, "op_paused").await,
+        Some(("paused".into(), paused_at))
+    );
+    assert_eq!(
+        count(&c, "SELECT count(*) FROM op_paused_log").await,
+        paused_at
+    );
     assert_eq!(ledger(&c, "op_unbooted").await, Some(("live".into(), h)));
 
     // resume: a runner takes it and it catches up.
@@ -671,6 +723,13 @@ async fn a_paused_projector_stays_paused_across_runners_restarts_and_boot_until_
     .await;
     assert_eq!(ledger(&c, "op_paused").await, Some(("live".into(), h)));
     assert_eq!(count(&c, "SELECT count(*) FROM op_paused_log").await, h);
+    wait_for_sample(
+        port,
+        "projectionist_state{projector=\"op_paused\",state=\"live\"}",
+        1.0,
+        &[&r2],
+    )
+    .await;
     let owned = owners(&c).await;
     assert!(
         owned.iter().any(|(p, _)| p == "op_paused"),
@@ -695,6 +754,68 @@ async fn a_paused_projector_stays_paused_across_runners_restarts_and_boot_until_
     assert!(run.stderr.contains("it is live"), "{}", run.stderr);
     assert_eq!(ledger(&c, "op_ctl").await.unwrap().0, "live");
     drop((r2, r3));
+}
+
+/// A projector working through a backlog is paused after the batch in
+/// flight, not after the backlog: nothing is played once `pause` returns.
+#[tokio::test]
+#[ignore = "bug: pause polls pg_try_advisory_lock every 200 ms and starves against play's back-to-back batches: it waits for the whole backlog or exits 4 at --lock-timeout"]
+async fn pause_of_a_busy_projector_takes_effect_after_the_batch_in_flight() {
+    let db = TestDb::new().await;
+    // 5 ms an event, 400 events a batch: a batch takes about 2 s, the
+    // backlog of 4,000 events about 20 s; between two batches the lock is
+    // free for a few milliseconds only.
+    let c = thing_store(
+        &db,
+        true,
+        "CREATE TABLE op_busy_log (id bigint PRIMARY KEY)",
+        "[projectors.op_busy]\ntables = [\"op_busy_log\"]\n\
+         on.Thing = \"INSERT INTO op_busy_log (id) SELECT :position FROM pg_sleep(0.005)\"\n",
+    )
+    .await;
+    add_things(&c, 10).await;
+    db.run(&["boot"]).expect(0);
+    let play = Player::start(&db, "busy", &["--poll", "200ms", "--batch-size", "400"]);
+    let h = add_things(&c, 4_000).await;
+    wait_for("op_busy to be busy", PATIENCE, &[&play], async || {
+        position(&c, "op_busy").await > 400
+    })
+    .await;
+
+    let started = Instant::now();
+    let run = db.run(&["pause", "op_busy", "--lock-timeout", "8s"]);
+    let took = started.elapsed();
+    eprintln!(
+        "pause of a busy projector: exit {} after {took:?}, at {:?}",
+        run.code,
+        ledger(&c, "op_busy").await
+    );
+    run.expect(0);
+    let paused_at = position(&c, "op_busy").await;
+    assert!(
+        took < Duration::from_secs(5),
+        "pause took {took:?} (a batch takes about 2 s)"
+    );
+    assert!(
+        paused_at < h,
+        "op_busy played its whole backlog before the pause took effect"
+    );
+    assert_eq!(
+        ledger(&c, "op_busy").await,
+        Some(("paused".into(), paused_at))
+    );
+    tokio::time::sleep(Duration::from_secs(1)).await;
+    assert_eq!(
+        ledger(&c, "op_busy").await,
+        Some(("paused".into(), paused_at)),
+        "a batch was played after the pause\n{}",
+        play.log()
+    );
+    assert_eq!(
+        count(&c, "SELECT count(*) FROM op_busy_log").await,
+        paused_at
+    );
+    drop(play);
 }
 
 // ---------------------------------------------------------------------------
@@ -740,24 +861,22 @@ async fn metrics_over_http_follow_the_run_and_healthz_follows_the_database() {
     c.batch_execute("ROLLBACK").await.unwrap();
     let h = add_things(&c, 5).await;
     assert_eq!(h, 26);
-    let body = wait_for_sample(
+    // The batch's position, the events it handled and the hole it passed.
+    let body = wait_for_metrics(
         port,
-        "projectionist_position{projector=\"op_m\"}",
-        h as f64,
+        "op_m at the head, 5 events processed and a hole passed, in the metrics",
         &[&play],
+        |body| {
+            sample(body, "projectionist_position{projector=\"op_m\"}") == Some(h as f64)
+                && sample(
+                    body,
+                    "projectionist_events_processed_total{projector=\"op_m\"}",
+                ) == Some(5.0)
+                && sample(body, "projectionist_holes_passed{projector=\"op_m\"}")
+                    .is_some_and(|n| n >= 1.0)
+        },
     )
     .await;
-    let first = sample(
-        &body,
-        "projectionist_events_processed_total{projector=\"op_m\"}",
-    )
-    .unwrap_or_else(|| panic!("no events_processed_total\n{body}"));
-    assert_eq!(first, 5.0, "{body}");
-    let holes = sample(&body, "projectionist_holes_passed{projector=\"op_m\"}");
-    assert!(
-        holes.is_some_and(|n| n >= 1.0),
-        "holes_passed {holes:?}\n{body}"
-    );
     for (series, want) in [
         ("projectionist_lag_events{projector=\"op_m\"}", 0.0),
         ("projectionist_lag_seconds{projector=\"op_m\"}", 0.0),
@@ -781,21 +900,19 @@ async fn metrics_over_http_follow_the_run_and_healthz_follows_the_database() {
 
     // More events: the counter grows by them between two scrapes.
     let h = add_things(&c, 7).await;
-    let body = wait_for_sample(
+    wait_for_metrics(
         port,
-        "projectionist_position{projector=\"op_m\"}",
-        h as f64,
+        "op_m at the head and 5 + 7 events processed, in the metrics",
         &[&play],
+        |body| {
+            sample(body, "projectionist_position{projector=\"op_m\"}") == Some(h as f64)
+                && sample(
+                    body,
+                    "projectionist_events_processed_total{projector=\"op_m\"}",
+                ) == Some(12.0)
+        },
     )
     .await;
-    assert_eq!(
-        sample(
-            &body,
-            "projectionist_events_processed_total{projector=\"op_m\"}"
-        ),
-        Some(first + 7.0),
-        "{body}"
-    );
 
     assert_eq!(http_get(port, "/healthz").await, Some((200, "ok\n".into())));
 
@@ -995,31 +1112,21 @@ async fn every_metric_the_grafana_dashboard_queries_has_a_series_in_a_running_pl
     add_things(&c, 5).await;
     add_event(&c, "Thing", json!({"i": -1})).await;
     let h = add_things(&c, 5).await;
-    let mut body = String::new();
-    wait_for(
-        "the failure counted and every projector at the head in the metrics",
-        PATIENCE,
+    let body = wait_for_metrics(
+        port,
+        "the failure counted, the dead letter waiting and every projector at the head, in the metrics",
         &[&play],
-        async || {
-            body = get_metrics(port).await.unwrap_or_default();
-            sample(
-                &body,
-                "projectionist_failures_total{projector=\"op_d_skip\"}",
-            ) == Some(1.0)
+        |body| {
+            sample(body, "projectionist_failures_total{projector=\"op_d_skip\"}") == Some(1.0)
+                && sample(body, "projectionist_dead_letters{projector=\"op_d_skip\"}")
+                    == Some(1.0)
                 && ["op_d_sql", "op_d_skip", "op_d_cmd"].iter().all(|p| {
-                    sample(
-                        &body,
-                        &format!("projectionist_position{{projector=\"{p}\"}}"),
-                    ) == Some(h as f64)
+                    sample(body, &format!("projectionist_position{{projector=\"{p}\"}}"))
+                        == Some(h as f64)
                 })
         },
     )
     .await;
-    assert_eq!(
-        sample(&body, "projectionist_dead_letters{projector=\"op_d_skip\"}"),
-        Some(1.0),
-        "{body}"
-    );
     let series: BTreeSet<&str> = body
         .lines()
         .filter(|l| !l.starts_with('#'))
@@ -1053,4 +1160,75 @@ async fn every_metric_the_grafana_dashboard_queries_has_a_series_in_a_running_pl
         );
     }
     drop(play);
+}
+
+// ---------------------------------------------------------------------------
+// 6. A rebuild replays every event: the dead letters of the read model it
+// replaces are not waiting any more.
+
+#[tokio::test]
+#[ignore = "bug: a rebuild (reset) replays a dead letter's event but leaves the dead letter waiting: status asks for a retry, and retry applies the event a second time"]
+async fn a_rebuild_that_applies_a_dead_letters_event_leaves_nothing_to_retry() {
+    let db = TestDb::new().await;
+    // A log without a key: applying an event twice shows as a second row.
+    let c = thing_store(
+        &db,
+        true,
+        "CREATE TABLE op_r_log (id bigint, v int CONSTRAINT op_r_positive CHECK (v >= 0))",
+        "[projectors.op_r]\non_error = \"skip\"\ntables = [\"op_r_log\"]\n\
+         on.Thing = \"INSERT INTO op_r_log (id, v) VALUES (:position, :data.i::int)\"\n",
+    )
+    .await;
+    add_things(&c, 10).await;
+    db.run(&["boot"]).expect(0);
+    let play = Player::start(&db, "rebuild", &["--poll", "200ms"]);
+    let poison = add_event(&c, "Thing", json!({"i": -1})).await;
+    let h = add_things(&c, 5).await;
+    wait_for("op_r past the poison", PATIENCE, &[&play], async || {
+        position(&c, "op_r").await == h
+    })
+    .await;
+    assert_eq!(status_of(&db, "op_r")["dead_letters"], json!(1));
+    drop(play);
+
+    // The cause fixed, the projector rebuilt from scratch: the poison event is
+    // applied by the replay.
+    c.batch_execute("ALTER TABLE op_r_log DROP CONSTRAINT op_r_positive")
+        .await
+        .unwrap();
+    db.run(&["reset", "op_r", "--yes"]).expect(0);
+    assert_eq!(
+        count(&c, "SELECT count(*) FROM op_r_log").await,
+        h,
+        "the rebuild applies every event once"
+    );
+    assert_eq!(
+        count(
+            &c,
+            &format!("SELECT count(*) FROM op_r_log WHERE id = {poison}")
+        )
+        .await,
+        1
+    );
+
+    // Nothing is waiting any more: status does not ask for a retry, and a
+    // retry does not apply the event a second time.
+    let status = db.run(&["status"]);
+    status.expect(0);
+    assert_eq!(
+        status_of(&db, "op_r")["dead_letters"],
+        json!(0),
+        "the dead letter of the replaced read model is still waiting after the rebuild applied its event\n{}",
+        status.stdout
+    );
+    db.run(&["retry", "op_r"]).expect(0);
+    assert_eq!(
+        count(
+            &c,
+            &format!("SELECT count(*) FROM op_r_log WHERE id = {poison}")
+        )
+        .await,
+        1,
+        "retry applied the event the rebuild had applied already"
+    );
 }

@@ -107,26 +107,15 @@ struct Spawned {
 
 impl Spawned {
     fn start(db: &TestDb, label: &str, args: &[&str]) -> Spawned {
-        Spawned::start_with(db, label, args, |_| {})
-    }
-
-    fn start_with(
-        db: &TestDb,
-        label: &str,
-        args: &[&str],
-        edit: impl FnOnce(&mut std::process::Command),
-    ) -> Spawned {
         let out = db.dir.path().join(format!("{label}.stdout"));
         let err = db.dir.path().join(format!("{label}.stderr"));
-        let mut cmd = db.command(args);
-        cmd.stdout(std::fs::File::create(&out).unwrap())
-            .stderr(std::fs::File::create(&err).unwrap());
-        edit(&mut cmd);
-        Spawned {
-            child: cmd.spawn().unwrap(),
-            out,
-            err,
-        }
+        let child = db
+            .command(args)
+            .stdout(std::fs::File::create(&out).unwrap())
+            .stderr(std::fs::File::create(&err).unwrap())
+            .spawn()
+            .unwrap();
+        Spawned { child, out, err }
     }
 
     fn run(&self) -> Run {
@@ -405,7 +394,7 @@ fn example_poll() -> String {
 }
 
 #[tokio::test(flavor = "multi_thread", worker_threads = 2)]
-#[ignore = "bug: a boot that rebuilds two projectors beside their tables races on CREATE SCHEMA IF NOT EXISTS projectionist_build and exits 1 (duplicate key pg_namespace_nspname_index)"]
+#[ignore = "bug: two builds in one boot race on CREATE SCHEMA IF NOT EXISTS projectionist_build (exit 1); and a reader reading band then origin deadlocks with the swap (40P01)"]
 async fn a_reader_never_sees_the_rebuild_of_linked_projectors() {
     let db = TestDb::new().await;
     example(&db);
@@ -424,6 +413,7 @@ async fn a_reader_never_sees_the_rebuild_of_linked_projectors() {
         2,
         &marker(2, &["origin", "ignored_band"]),
     );
+    c.batch_execute("CREATE SCHEMA projectionist_build").await.unwrap(); // TEMP
     let reader = Reader::start(&db, example_poll()).await;
     let run = run_async(&db, "boot-v2", &["boot", "--json", "--batch-size", "100"]).await;
     let polls = reader.stop().await;
@@ -529,6 +519,61 @@ async fn a_reader_never_sees_the_rebuild_of_linked_projectors() {
     let status = status_of(&db, "band");
     assert_eq!(status["kept_versions"], serde_json::json!([1]), "{status}");
     assert!(status["build"].is_null(), "{status}");
+}
+
+/// The other bug the test above ran into, made deterministic: a reader in a
+/// transaction has read `pair_b` and then reads `pair_a`, while the swap
+/// holds `pair_a` (moved out) and waits for `pair_b`. The swap must give way
+/// (try again after the reader), never deadlock: the reader gets its rows
+/// and the boot swaps in.
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+#[ignore = "bug: a reader holding one owned table and asking for another deadlocks with the swap (40P01): the swap fails and boot exits 1 (or the reader's query fails)"]
+async fn a_reader_of_two_tables_never_deadlocks_with_the_swap() {
+    let pair = |version: i32| {
+        format!(
+            "[projectors.pair]\ntables = [\"pair_a\", \"pair_b\"]\nversion = {version}\n\
+             on.Thing = [\"INSERT INTO pair_a (id) VALUES (:position)\", \"INSERT INTO pair_b (id) VALUES (:position)\"]\n"
+        )
+    };
+    let db = TestDb::new().await;
+    let c = thing_store(
+        &db,
+        false,
+        "CREATE TABLE pair_a (id bigint PRIMARY KEY); CREATE TABLE pair_b (id bigint PRIMARY KEY);",
+        &pair(1),
+    )
+    .await;
+    add_things(&c, 1_000).await;
+    db.run(&["boot"]).expect(0);
+
+    let reader = db.client().await;
+    reader
+        .batch_execute("BEGIN ISOLATION LEVEL REPEATABLE READ")
+        .await
+        .unwrap();
+    assert_eq!(count(&reader, "SELECT count(*) FROM pair_b").await, 1_000);
+    things_manifest(&db, &pair(2));
+    let boot = Spawned::start(&db, "boot", &["boot"]);
+    wait_for("the swap to wait for pair_b", PATIENCE, &[], async || {
+        count(
+            &c,
+            "SELECT count(*) FROM pg_locks WHERE NOT granted AND relation = 'public.pair_b'::regclass",
+        )
+        .await
+            > 0
+    })
+    .await;
+    // The reader goes on (within the server's deadlock_timeout of the swap's wait).
+    let second = reader.query_one("SELECT count(*) FROM pair_a", &[]).await;
+    reader.batch_execute("COMMIT").await.ok();
+    let run = boot.finish(Duration::from_secs(60)).await;
+    assert_eq!(
+        second.map(|r| r.get::<_, i64>(0)).map_err(|e| format!("{e:?}")),
+        Ok(1_000),
+        "the reader's second query\n{run:?}"
+    );
+    run.expect(0);
+    assert_eq!(live(&c, "pair").await, (2, "live".into(), 1_000));
 }
 
 /// The bug the test above ran into, on its own: two builds in one boot.
@@ -1380,19 +1425,23 @@ async fn sigkill_during_a_build_and_around_the_swap_loses_nothing() {
         3
     );
 
-    // Around the swap, at random: kill shortly after the build is done.
+    // Around the swap, at random: kill 0-60 ms after the build is seen done
+    // (the swap commits some 25 ms after that here), until kills landed on
+    // both sides of its commit (at most 8 tries).
     let mut outcomes = [0; 2];
-    for version in 4..=8 {
+    let mut version = 3;
+    while version < 11 && (version < 7 || outcomes.contains(&0)) {
+        version += 1;
         things_manifest(&db, &rc(version));
         let mut boot = Spawned::start(&db, &format!("around-{version}"), &["boot"]);
         loop {
-            let built = build_row(&c, "rc").await.is_none_or(|b| b.2 == "built");
-            if built || boot.exited() {
+            let built = build_row(&c, "rc").await.is_some_and(|b| b.2 == "built");
+            if built || live(&c, "rc").await.0 == version || boot.exited() {
                 break;
             }
             tokio::time::sleep(Duration::from_millis(1)).await;
         }
-        let delay = random_below(30);
+        let delay = random_below(60);
         tokio::time::sleep(Duration::from_millis(delay)).await;
         boot.sigkill();
         wait_for("the killed boot's sessions to end", PATIENCE, &[], async || {
@@ -1425,7 +1474,7 @@ async fn sigkill_during_a_build_and_around_the_swap_loses_nothing() {
         "kills around the swap: {} landed before it committed, {} after",
         outcomes[0], outcomes[1]
     );
-    assert_eq!(kept(&c, "rc").await, (1..=7).collect::<Vec<_>>());
+    assert_eq!(kept(&c, "rc").await, (1..version).collect::<Vec<_>>());
 }
 
 // ---------------------------------------------------------------------------
