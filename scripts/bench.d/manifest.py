@@ -7,6 +7,9 @@
                                     `latency` recording each Ping event's delay
   manifest.py many SRC N [NAME...]  [store], the SQL projectors NAMEs of SRC, and N
                                     trivial from_now projectors bench_001...
+  manifest.py partitioned SRC N NAME
+                                    as `sql` with the one projector NAME, split into N
+                                    partitions
   manifest.py table SRC TABLE [NAME...]
                                     as `sql`, over the events table TABLE without a
                                     transaction column (nor notify): the hole rule reads it
@@ -96,6 +99,10 @@ def main():
                 line = f'table = "{table}"\n'
             lines.append(line)
         sys.stdout.write("".join(lines))
+    elif mode == "partitioned":
+        n, name = int(sys.argv[3]), sys.argv[4]
+        out = keep(text, [name])
+        sys.stdout.write(out.replace(f"[projectors.{name}]\n", f"[projectors.{name}]\npartitions = {n}\n", 1))
     elif mode == "many":
         n = int(sys.argv[3])
         sys.stdout.write(keep(text, sys.argv[4:]))

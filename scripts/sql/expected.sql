@@ -11,7 +11,8 @@
 -- The order is the reader's, (tx, id), as projectors.toml sets `transaction = "tx"`;
 -- `-v order=id` uses id order instead. Both are the same for scripts/gen-events data.
 -- `-v position=P` plays only the events up to the one with id P (in that order): the
--- tables of projectors that stand at position P.
+-- tables of projectors that stand at position P. `-v only=event` computes only the
+-- `event` table, from the events of the `event` projector (a benchmark of one projection).
 --
 -- The handlers and what each table is, as a function of the events in that order:
 --   band         upsert on name          -> per name, the last BandCreated
@@ -46,7 +47,12 @@
 \else
 \set position NULL
 \endif
+\if :{?only}
+\else
+\set only ''
+\endif
 SET client_min_messages = warning;
+SELECT :'only' = '' AS all_tables \gset
 
 DROP SCHEMA IF EXISTS :"schema" CASCADE;
 CREATE SCHEMA :"schema";
@@ -71,6 +77,7 @@ WHERE name IN ('BandCreated', 'DanceHallCreated', 'DanceHallGeocoded',
                'OriginAdded', 'OriginRemoved', 'BandIgnored', 'BandUnignored',
                'DanceHallIgnored', 'DanceHallUnignored', 'CityIgnored', 'CityUnignored',
                'MunicipalityIgnored', 'MunicipalityUnignored', 'StateIgnored', 'StateUnignored')
+       AND (:'only' = '' OR name IN ('EventCreated', 'EventUpdated', 'EventDeleted'))
    OR id = :position;
 DELETE FROM expected_ev
 WHERE ord > (SELECT ord FROM expected_ev WHERE id = :position)
@@ -82,6 +89,7 @@ WHERE ord > (SELECT ord FROM expected_ev WHERE id = :position)
 CREATE INDEX ON expected_ev (name);
 ANALYZE expected_ev;
 
+\if :all_tables
 -- band ---------------------------------------------------------------------------------
 INSERT INTO :"schema".band (id, name, created)
 SELECT DISTINCT ON (data->>'name') aggregate_id, data->>'name', tstamp
@@ -106,6 +114,8 @@ WITH created AS (
 SELECT c.aggregate_id, c.data->>'name', c.data->>'city', c.data->>'municipality',
        c.data->>'state', (g.data->>'lat')::float8, (g.data->>'lng')::float8, c.tstamp
 FROM created c LEFT JOIN geocoded g ON g.aggregate_id = c.aggregate_id;
+
+\endif
 
 -- event --------------------------------------------------------------------------------
 INSERT INTO :"schema".event (id, date, time, band, dance_hall, city, municipality, state,
@@ -133,6 +143,7 @@ SELECT aggregate_id, (data->>'date')::date, data->>'time', data->>'band', data->
        data->>'extra_info', created, tstamp
 FROM latest;
 
+\if :all_tables
 -- origin -------------------------------------------------------------------------------
 INSERT INTO :"schema".origin (subject, origin, latitude, longitude, created)
 SELECT data->>'subject', data->>'origin', (data->>'lat')::float8, (data->>'lng')::float8, tstamp
@@ -191,5 +202,6 @@ FROM (SELECT DISTINCT ON (data->>'subject', data->>'state') name, data, tstamp
       FROM expected_ev WHERE name IN ('StateIgnored', 'StateUnignored')
       ORDER BY data->>'subject', data->>'state', ord DESC) last
 WHERE name = 'StateIgnored';
+\endif
 
 DROP TABLE expected_ev;

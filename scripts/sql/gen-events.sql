@@ -24,13 +24,25 @@
 \set ON_ERROR_STOP on
 SET client_min_messages = warning;
 
+-- `-v user_scale=S` scales the users' preference lifecycles (S = 1 by default; the
+-- store of a site where dance events are most of the traffic has few), and
+-- `-v f_scale=F` how much more is planned so that :n events remain.
+\if :{?user_scale}
+\else
+\set user_scale 1
+\endif
+\if :{?f_scale}
+\else
+\set f_scale 1
+\endif
+
 CREATE TEMP TABLE gen_params AS
 SELECT :n::bigint AS n,
        50000 AS chunk,
        coalesce((SELECT max(id) FROM events), 0) AS base,
        greatest(coalesce((SELECT max(tstamp) FROM events), '-infinity') + interval '1 second',
                 date_trunc('second', now()) - :n * interval '1 second') AS start_time,
-       1.35 + 20.0 / :n AS f,
+       (1.35 + 20.0 / :n) * :f_scale AS f,
        greatest(20, :n / 200)::int AS users;
 
 SELECT setseed(((SELECT base FROM gen_params) % 999983)::float8 / 999983) \gset
@@ -39,12 +51,12 @@ CREATE TEMP TABLE gen_counts AS
 SELECT ceil(n * 0.02 * f)::int  AS bands,
        ceil(n * 0.005 * f)::int AS halls,
        ceil(n * 0.20 * f)::int  AS events,
-       ceil(n * 0.04 * f)::int  AS origins,
-       ceil(n * 0.10 * f)::int  AS band_ignores,
-       ceil(n * 0.05 * f)::int  AS hall_ignores,
-       ceil(n * 0.05 * f)::int  AS city_ignores,
-       ceil(n * 0.04 * f)::int  AS municipality_ignores,
-       ceil(n * 0.02 * f)::int  AS state_ignores
+       ceil(n * 0.04 * f * :user_scale)::int  AS origins,
+       ceil(n * 0.10 * f * :user_scale)::int  AS band_ignores,
+       ceil(n * 0.05 * f * :user_scale)::int  AS hall_ignores,
+       ceil(n * 0.05 * f * :user_scale)::int  AS city_ignores,
+       ceil(n * 0.04 * f * :user_scale)::int  AS municipality_ignores,
+       ceil(n * 0.02 * f * :user_scale)::int  AS state_ignores
 FROM gen_params;
 
 CREATE TEMP TABLE gen_place (i int PRIMARY KEY, city text, municipality text, state text,

@@ -20,7 +20,7 @@ use crate::handlers::command::Delivery;
 use crate::handlers::sql::{BatchOutcome, CompiledProjector};
 use crate::ledger::{Advance, FailureKind, LockKey, Record, Run, State, Subject};
 use crate::manifest::Projector;
-use crate::store::{PassedHoles, Partition, Position, StoreShape};
+use crate::store::{Partition, PassedHoles, Position, StoreShape};
 
 /// What to do when a handler fails.
 #[derive(Clone, Copy, Debug, PartialEq, Eq)]

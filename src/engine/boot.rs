@@ -976,7 +976,8 @@ impl Booting<'_> {
         let all = Arc::new(std::sync::Mutex::new(
             parts.iter().map(|r| r.position).collect::<Vec<_>>(),
         ));
-        let queue = std::sync::Mutex::new(parts.into_iter().collect::<std::collections::VecDeque<_>>());
+        let queue =
+            std::sync::Mutex::new(parts.into_iter().collect::<std::collections::VecDeque<_>>());
         let drained = CancellationToken::new();
         let stop = progress.stop.child_token();
         let workers = (0..self.p.partitions).map(|w| {

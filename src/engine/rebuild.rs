@@ -30,7 +30,7 @@ use anyhow::{Context as _, Result};
 use chrono::Utc;
 use tokio_postgres::{Client, GenericClient, Transaction};
 
-use crate::db::{RowExt, quote_ident, quote_qualified};
+use crate::db::{RowExt, quote_ident, quote_literal, quote_qualified};
 use crate::engine::Context;
 use crate::error::Failure;
 use crate::ledger::{LockKey, State, VersionRow};
@@ -203,10 +203,8 @@ pub async fn create_build_tables(
 ) -> Result<Vec<String>> {
     check_swappable(&*client, p).await?;
     let build = quote_ident(&ctx.manifest.build_schema);
+    ensure_schema(&*client, &ctx.manifest.build_schema).await?;
     let tx = client.transaction().await?;
-    tx.batch_execute(&format!("CREATE SCHEMA IF NOT EXISTS {build}"))
-        .await
-        .context("creating the build schema")?;
     let mut stored = Vec::new();
     let mut seen = Vec::new();
     for listed in &p.tables {
@@ -242,6 +240,23 @@ pub async fn create_build_tables(
     }
     tx.commit().await.context("creating the build's tables")?;
     Ok(stored)
+}
+
+/// Creates `schema` unless it exists, on its own (not in a transaction):
+/// builds of one boot run side by side, and a concurrent `CREATE SCHEMA IF
+/// NOT EXISTS` can still meet the other's (a unique violation): it exists.
+pub async fn ensure_schema(client: &impl GenericClient, schema: &str) -> Result<()> {
+    match client
+        .batch_execute(&format!(
+            "CREATE SCHEMA IF NOT EXISTS {}",
+            quote_ident(schema)
+        ))
+        .await
+    {
+        Ok(()) => Ok(()),
+        Err(e) if matches!(e.code().map(|c| c.code()), Some("23505") | Some("42P06")) => Ok(()),
+        Err(e) => Err(e).with_context(|| format!("creating schema {schema}")),
+    }
 }
 
 /// What `LIKE … INCLUDING ALL` leaves out: grants, the owner, row-level
@@ -288,6 +303,19 @@ async fn copy_around(tx: &Transaction<'_>, live: &Table, target: &str) -> Result
     }
     if rls {
         statements.push(format!("ALTER TABLE {target} ENABLE ROW LEVEL SECURITY"));
+    }
+    let comment: Option<String> = tx
+        .query_one(
+            &format!("SELECT obj_description({oid_of}, 'pg_class')"),
+            &[&src],
+        )
+        .await?
+        .col(0)?;
+    if let Some(c) = comment {
+        statements.push(format!(
+            "COMMENT ON TABLE {target} IS {}",
+            quote_literal(&c)
+        ));
     }
     for r in tx
         .query(
@@ -345,6 +373,7 @@ pub struct Swapped {
 /// Swaps every member's incoming version in, in one transaction, trying
 /// again while long readers hold the live tables.
 pub async fn swap(ctx: &Context, client: &mut Client, members: &[Member<'_>]) -> Result<Swapped> {
+    ensure_schema(&*client, &ctx.manifest.previous_schema).await?;
     let mut attempt = 1;
     loop {
         match swap_once(ctx, client, members).await {
@@ -369,10 +398,18 @@ pub async fn swap(ctx: &Context, client: &mut Client, members: &[Member<'_>]) ->
             }
             Err(e)
                 if attempt < SWAP_ATTEMPTS
-                    && crate::error::sqlstate(&e).as_deref() == Some("55P03") =>
+                    && matches!(
+                        crate::error::sqlstate(&e).as_deref(),
+                        Some("55P03") | Some("40P01")
+                    ) =>
             {
                 tracing::warn!(
-                    "the swap waited {SWAP_LOCK_TIMEOUT} for a lock on a live table (a long reader?): trying again (attempt {attempt} of {SWAP_ATTEMPTS})"
+                    "the swap gave way to a reader of the live tables ({}): trying again (attempt {attempt} of {SWAP_ATTEMPTS})",
+                    if crate::error::sqlstate(&e).as_deref() == Some("40P01") {
+                        "it held one table and wanted another the swap held".to_string()
+                    } else {
+                        format!("it held a table longer than {SWAP_LOCK_TIMEOUT}")
+                    }
                 );
                 attempt += 1;
                 tokio::time::sleep(Duration::from_millis(500)).await;
@@ -400,8 +437,22 @@ async fn swap_once(ctx: &Context, client: &mut Client, members: &[Member<'_>]) -
         check_swappable(&tx, m.projector).await?;
         lives.push(live);
     }
-    let views = dependent_views(&tx, members).await?;
+    // Every live table at once, in one order: a reader of several waits for
+    // the whole swap (or, holding one, makes the swap give way and try again).
+    let tables: Vec<String> = members
+        .iter()
+        .flat_map(|m| m.projector.tables.iter().map(|t| quote_qualified(t)))
+        .collect();
+    if !tables.is_empty() {
+        tx.batch_execute(&format!(
+            "LOCK TABLE {} IN ACCESS EXCLUSIVE MODE",
+            tables.join(", ")
+        ))
+        .await
+        .context("locking the live tables")?;
+    }
     let locked = Instant::now();
+    let views = dependent_views(&tx, members).await?;
     for (m, live) in members.iter().zip(&lives) {
         let (stored, renamed) = exchange_tables(ctx, &tx, m, live.version).await?;
         ctx.ledger
@@ -490,8 +541,6 @@ async fn exchange_tables(
     live_version: i32,
 ) -> Result<(Vec<String>, serde_json::Value)> {
     let previous = quote_ident(&ctx.manifest.previous_schema);
-    tx.batch_execute(&format!("CREATE SCHEMA IF NOT EXISTS {previous}"))
-        .await?;
     let mut stored = Vec::new();
     let mut renamed = serde_json::Map::new();
     for (i, listed) in m.projector.tables.iter().enumerate() {
@@ -503,8 +552,9 @@ async fn exchange_tables(
             ))
         })?;
         let incoming = resolve(tx, incoming).await?;
-        // Sequences a serial column of the live table owns: kept for the new table.
-        reown_sequences(tx, &live, &incoming).await?;
+        // Sequences a serial column of the live table owns stay where they
+        // are (the build's column default uses them too) and go to the new table.
+        let serials = detach_sequences(tx, &live, &incoming).await?;
         // The live table and its companions go out, renamed by version.
         let suffix = format!("__v{live_version}");
         let out_name = free_name(tx, &ctx.manifest.previous_schema, &live.name, &suffix).await?;
@@ -564,6 +614,17 @@ async fn exchange_tables(
             &m.incoming.renamed,
         )
         .await?;
+        for (seq, column) in serials {
+            tx.batch_execute(&format!(
+                "ALTER SEQUENCE {seq} OWNED BY {}.{}",
+                moved_in.qualified(),
+                quote_ident(&column)
+            ))
+            .await
+            .with_context(|| {
+                format!("giving sequence {seq} to the new {}", moved_in.qualified())
+            })?;
+        }
     }
     Ok((stored, serde_json::Value::Object(renamed)))
 }
@@ -671,9 +732,15 @@ async fn restore_companion_names(
     Ok(())
 }
 
-/// Serial columns' sequences owned by the live table become the incoming
-/// table's (same column), so dropping the previous version later keeps them.
-async fn reown_sequences(tx: &Transaction<'_>, live: &Table, incoming: &Table) -> Result<()> {
+/// Serial columns' sequences owned by the live table whose column the
+/// incoming table has: detached (so they stay in the live schema when the
+/// table moves out), to be owned by the incoming table once it is in, so
+/// dropping the previous version later keeps them. Returns (sequence, column).
+async fn detach_sequences(
+    tx: &Transaction<'_>,
+    live: &Table,
+    incoming: &Table,
+) -> Result<Vec<(String, String)>> {
     let rows = tx
         .query(
             "SELECT s.oid::regclass::text, a.attname::text FROM pg_depend d \
@@ -685,16 +752,15 @@ async fn reown_sequences(tx: &Transaction<'_>, live: &Table, incoming: &Table) -
             &[&live.qualified(), &incoming.qualified()],
         )
         .await?;
+    let mut detached = Vec::new();
     for r in rows {
         let (seq, column): (String, String) = (r.col(0)?, r.col(1)?);
-        tx.batch_execute(&format!(
-            "ALTER SEQUENCE {seq} OWNED BY {}.{}",
-            incoming.qualified(),
-            quote_ident(&column)
-        ))
-        .await?;
+        tx.batch_execute(&format!("ALTER SEQUENCE {seq} OWNED BY NONE"))
+            .await
+            .with_context(|| format!("detaching sequence {seq}"))?;
+        detached.push((seq, column));
     }
-    Ok(())
+    Ok(detached)
 }
 
 /// `name + suffix`, cut to PostgreSQL's 63 bytes, made unique in `schema`.

@@ -50,20 +50,42 @@ pub async fn rebuild_in_place(
     Ok(start)
 }
 
-/// Truncates the owned tables, or runs the projector's `reset` SQL.
+/// Empties the owned tables, or runs the projector's `reset` SQL. A table a
+/// foreign key of another (not owned) table points at cannot be truncated:
+/// its rows are deleted instead, so the foreign key decides (nothing refers
+/// to them, or it cascades, or the rebuild fails naming it).
 async fn reset_tables(client: &impl GenericClient, p: &Projector) -> Result<()> {
-    let sql = match &p.reset {
-        Some(sql) => sql.clone(),
-        None if p.tables.is_empty() => return Ok(()),
-        None => format!(
-            "TRUNCATE {}",
-            p.tables
-                .iter()
-                .map(|t| quote_qualified(t))
-                .collect::<Vec<_>>()
-                .join(", ")
-        ),
-    };
+    if let Some(sql) = &p.reset {
+        return client
+            .batch_execute(sql)
+            .await
+            .with_context(|| format!("resetting the tables of projector `{}`", p.name));
+    }
+    if p.tables.is_empty() {
+        return Ok(());
+    }
+    let tables: Vec<String> = p.tables.iter().map(|t| quote_qualified(t)).collect();
+    let referenced: Vec<bool> = client
+        .query_one(
+            "SELECT array_agg(EXISTS (SELECT 1 FROM pg_constraint c WHERE c.contype = 'f' \
+               AND c.confrelid = to_regclass(t) \
+               AND c.conrelid <> ALL (SELECT to_regclass(o) FROM unnest($1::text[]) o)) ORDER BY i) \
+             FROM unnest($1::text[]) WITH ORDINALITY AS x(t, i)",
+            &[&tables],
+        )
+        .await
+        .context("looking for foreign keys to the owned tables")?
+        .col(0)?;
+    let (deleted, truncated): (Vec<_>, Vec<_>) =
+        tables.iter().zip(&referenced).partition(|(_, r)| **r);
+    let mut sql = String::new();
+    if !truncated.is_empty() {
+        let names: Vec<&str> = truncated.iter().map(|(t, _)| t.as_str()).collect();
+        sql.push_str(&format!("TRUNCATE {};", names.join(", ")));
+    }
+    for (t, _) in deleted {
+        sql.push_str(&format!("DELETE FROM {t};"));
+    }
     client
         .batch_execute(&sql)
         .await

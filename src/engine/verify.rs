@@ -152,7 +152,11 @@ async fn checks_settled(
     for _ in 1..UNEVEN_TRIES {
         let again: Vec<String> = uneven
             .into_iter()
-            .filter(|n| results.iter().any(|r| &r.projector == n && r.result == Verdict::Behind))
+            .filter(|n| {
+                results
+                    .iter()
+                    .any(|r| &r.projector == n && r.result == Verdict::Behind)
+            })
             .collect();
         if again.is_empty() {
             break;
@@ -163,7 +167,12 @@ async fn checks_settled(
         results.extend(retried);
         uneven = still;
     }
-    let order: Vec<&str> = ctx.manifest.projectors.iter().map(|p| p.name.as_str()).collect();
+    let order: Vec<&str> = ctx
+        .manifest
+        .projectors
+        .iter()
+        .map(|p| p.name.as_str())
+        .collect();
     results.sort_by_key(|r| order.iter().position(|n| *n == r.projector));
     Ok(results)
 }

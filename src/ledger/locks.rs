@@ -188,12 +188,13 @@ impl Locks {
         tracing::warn!("waiting for {what}: locked by {who}");
         let deadline = tokio::time::Instant::now() + timeout;
         let mut last_note = tokio::time::Instant::now();
+        // Queued in the server's lock queue (a busy holder that takes the
+        // lock again between short transactions cannot starve the wait), in
+        // slices the liveness budget bounds: a dead network still gives up.
+        let slice = database.liveness().answer_within() / 2;
         loop {
-            tokio::time::sleep(std::time::Duration::from_millis(200)).await;
-            if database.within(self.try_lock(client, key)).await?? {
-                return Ok(());
-            }
-            if tokio::time::Instant::now() >= deadline {
+            let left = deadline.saturating_duration_since(tokio::time::Instant::now());
+            if left.is_zero() {
                 return Err(Failure::Locked(format!(
                     "gave up waiting for {what} after {}: locked by {who}\n  raise --lock-timeout, or find out why it runs so long \
                      (a holder whose machine died is dropped by the server within --session-timeout)",
@@ -201,10 +202,48 @@ impl Locks {
                 ))
                 .into());
             }
+            let wait = left.min(slice).max(std::time::Duration::from_millis(1));
+            if database.within(self.wait_lock(client, key, wait)).await?? {
+                return Ok(());
+            }
             if last_note.elapsed() >= std::time::Duration::from_secs(10) {
                 tracing::warn!("still waiting for {what}: locked by {who}");
                 last_note = tokio::time::Instant::now();
             }
+        }
+    }
+
+    /// Waits in the server's queue for a session-level lock, up to `wait`
+    /// (the session's `lock_timeout` for that one statement).
+    async fn wait_lock(
+        &self,
+        client: &Client,
+        key: LockKey<'_>,
+        wait: std::time::Duration,
+    ) -> Result<bool> {
+        let ms = wait.as_millis().to_string();
+        let before: String = client
+            .query_one("SELECT current_setting('lock_timeout')", &[])
+            .await?
+            .col(0)?;
+        client
+            .execute("SELECT set_config('lock_timeout', $1, false)", &[&ms])
+            .await?;
+        let taken = client
+            .execute(
+                "SELECT pg_advisory_lock(hashtext($1), hashtext($2))",
+                &[&self.namespace, &key.text()],
+            )
+            .await;
+        client
+            .execute("SELECT set_config('lock_timeout', $1, false)", &[&before])
+            .await?;
+        match taken {
+            Ok(_) => Ok(true),
+            Err(e) if e.code() == Some(&tokio_postgres::error::SqlState::LOCK_NOT_AVAILABLE) => {
+                Ok(false)
+            }
+            Err(e) => Err(e).with_context(|| format!("waiting for {}", key.what())),
         }
     }
 

@@ -23,7 +23,7 @@ use crate::db::{RowExt, quote_ident};
 use crate::error::Failure;
 use crate::failure::HandlerFailure;
 use crate::manifest::{Mode, Projector};
-use crate::store::{PassedHoles, Partition, Position, StoreShape};
+use crate::store::{Partition, PassedHoles, Position, StoreShape};
 
 /// The ledger's migrations, in order. `__SCHEMA__` is the quoted schema.
 const MIGRATIONS: &[(&str, &str)] = &[
@@ -37,7 +37,10 @@ const MIGRATIONS: &[(&str, &str)] = &[
         "V4__operator_tools",
         include_str!("migrations/V4__operator_tools.sql"),
     ),
-    ("V5__partitions", include_str!("migrations/V5__partitions.sql")),
+    (
+        "V5__partitions",
+        include_str!("migrations/V5__partitions.sql"),
+    ),
 ];
 
 /// The columns of `projectors` projectionist reads and writes, with their types.
@@ -782,6 +785,7 @@ impl Ledger {
             (position, event_time),
         )
         .await?;
+        self.supersede_dead_letters(client, &p.name).await?;
         client
             .execute(
                 &format!(

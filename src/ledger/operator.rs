@@ -30,6 +30,8 @@ pub struct FailureRecord {
     pub at: DateTime<Utc>,
     /// When `retry` applied it with success.
     pub resolved_at: Option<DateTime<Utc>>,
+    /// `retry` (applied again) or `rebuild` (its projector replayed every event since).
+    pub resolved_by: Option<String>,
     pub version: Option<i32>,
 }
 
@@ -50,12 +52,13 @@ impl FromRow for FailureRecord {
             at: r.col(11)?,
             resolved_at: r.col(12)?,
             version: r.col(13)?,
+            resolved_by: r.col(14)?,
         })
     }
 }
 
 const FAILURE_COLUMNS: &str = "id, projector, position, type, stream, error, detail, hint, sqlstate, run, \
-     dead_letter, at, resolved_at, version";
+     dead_letter, at, resolved_at, version, resolved_by";
 
 impl Ledger {
     /// Every recorded failure of `names` (empty: all), oldest first.
@@ -121,7 +124,7 @@ impl Ledger {
         client
             .execute(
                 &format!(
-                    "UPDATE {} SET resolved_at = now() WHERE projector = $1 AND position = $2 \
+                    "UPDATE {} SET resolved_at = now(), resolved_by = 'retry' WHERE projector = $1 AND position = $2 \
                      AND dead_letter AND resolved_at IS NULL",
                     self.table("failures")
                 ),
@@ -129,6 +132,51 @@ impl Ledger {
             )
             .await
             .context("marking a dead letter applied")?;
+        Ok(())
+    }
+
+    /// A projector's record starts again (a rebuild, a swap): every event is
+    /// played again into the new read model, the dead letters' included, so
+    /// none is left for `retry`.
+    pub(super) async fn supersede_dead_letters(
+        &self,
+        client: &impl GenericClient,
+        name: &str,
+    ) -> Result<()> {
+        client
+            .execute(
+                &format!(
+                    "UPDATE {} SET resolved_at = now(), resolved_by = 'rebuild' WHERE projector = $1 \
+                     AND dead_letter AND resolved_at IS NULL",
+                    self.table("failures")
+                ),
+                &[&name],
+            )
+            .await
+            .context("resolving the dead letters of a rebuilt projector")?;
+        Ok(())
+    }
+
+    /// A kept version comes back live (`rollback`): the dead letters it had
+    /// waiting when a swap set it aside wait again (its tables never got them).
+    pub(super) async fn reopen_dead_letters(
+        &self,
+        client: &impl GenericClient,
+        name: &str,
+        version: i32,
+        kept_since: DateTime<Utc>,
+    ) -> Result<()> {
+        client
+            .execute(
+                &format!(
+                    "UPDATE {} SET resolved_at = NULL, resolved_by = NULL WHERE projector = $1 \
+                     AND dead_letter AND resolved_by = 'rebuild' AND version = $2 AND resolved_at >= $3",
+                    self.table("failures")
+                ),
+                &[&name, &version, &kept_since],
+            )
+            .await
+            .context("reopening the dead letters of a version rolled back to")?;
         Ok(())
     }
 

@@ -285,6 +285,14 @@ impl Ledger {
             )
             .await
             .context("making the new version live")?;
+        // The dead letters were the old version's: the new one applied every
+        // event (a rollback's version gets back those it had waiting).
+        self.supersede_dead_letters(client, &incoming.projector)
+            .await?;
+        if let (Kind::Previous, Some(since)) = (incoming.kind, incoming.kept_since) {
+            self.reopen_dead_letters(client, &incoming.projector, incoming.version, since)
+                .await?;
+        }
         // Late events were the old version's: the new one read every event.
         client
             .execute(

@@ -36,6 +36,7 @@ pub fn table(failures: &[FailureRecord]) -> String {
             match (f.dead_letter, f.resolved_at) {
                 (false, _) => "-".into(),
                 (true, None) => "waiting".into(),
+                (true, Some(_)) if f.resolved_by.as_deref() == Some("rebuild") => "rebuilt".into(),
                 (true, Some(_)) => "resolved".into(),
             },
             f.error.lines().next().unwrap_or_default().to_string(),

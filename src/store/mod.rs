@@ -19,7 +19,6 @@ use tokio_postgres::{Client, GenericClient};
 
 pub use reader::{Holder, PassedHoles, Plan, Reader};
 
-
 use crate::db::{RowExt, quote_ident, quote_literal, quote_qualified};
 use crate::manifest::{Problem, Span, Store};
 

@@ -12,6 +12,7 @@ mod command;
 mod faults;
 mod gaps;
 mod operator;
+mod partitions;
 mod play;
 mod rebuild;
 mod reliability;

@@ -5,11 +5,14 @@
 //!   metrics, and applied again by `retry` once the cause is fixed (a new
 //!   failure row when it fails again; `--position` retries only those);
 //!   a command projector gets its dead letter re-delivered through the
-//!   protocol with `PROJECTIONIST_RUN=retry`;
+//!   protocol with `PROJECTIONIST_RUN=retry`; a rebuild that replays a dead
+//!   letter's event leaves nothing to retry;
 //! - `pause` and `resume`: a ledger state that every runner, a restarted
-//!   runner and `boot` respect;
+//!   runner and `boot` respect; a busy projector is paused after its batch in
+//!   flight;
 //! - play's `--metrics` endpoint scraped over HTTP while events flow, and
-//!   `/healthz` following the database (a private server stopped and started);
+//!   `/healthz` following the database (a private server stopped and
+//!   started; a network that goes silent);
 //! - the Grafana dashboard (deploy/grafana/projectionist.json): every metric
 //!   name it queries has a series in a running `play`'s `/metrics`.
 //!
@@ -759,7 +762,6 @@ async fn a_paused_projector_stays_paused_across_runners_restarts_and_boot_until_
 /// A projector working through a backlog is paused after the batch in
 /// flight, not after the backlog: nothing is played once `pause` returns.
 #[tokio::test]
-#[ignore = "bug: pause polls pg_try_advisory_lock every 200 ms and starves against play's back-to-back batches: it waits for the whole backlog or exits 4 at --lock-timeout"]
 async fn pause_of_a_busy_projector_takes_effect_after_the_batch_in_flight() {
     let db = TestDb::new().await;
     // 5 ms an event, 400 events a batch: a batch takes about 2 s, the
@@ -1167,7 +1169,6 @@ async fn every_metric_the_grafana_dashboard_queries_has_a_series_in_a_running_pl
 // replaces are not waiting any more.
 
 #[tokio::test]
-#[ignore = "bug: a rebuild (reset) replays a dead letter's event but leaves the dead letter waiting: status asks for a retry, and retry applies the event a second time"]
 async fn a_rebuild_that_applies_a_dead_letters_event_leaves_nothing_to_retry() {
     let db = TestDb::new().await;
     // A log without a key: applying an event twice shows as a second row.

@@ -27,3 +27,9 @@ CREATE UNIQUE INDEX partitions_record
 -- The part that passed a hole (NULL: an unpartitioned projector): an event
 -- found later in the hole is late only for the part it belongs to.
 ALTER TABLE __SCHEMA__.holes ADD COLUMN partition integer, ADD COLUMN partitions integer;
+
+-- How a dead letter was resolved: `retry` applied it, or a `rebuild` of its
+-- projector replayed every event (the dead letter's included) into a new
+-- read model, so there is nothing left to apply.
+ALTER TABLE __SCHEMA__.failures ADD COLUMN resolved_by text;
+UPDATE __SCHEMA__.failures SET resolved_by = 'retry' WHERE resolved_at IS NOT NULL;

@@ -1,0 +1,1114 @@
+//! Partitioned projectors (`partitions = N`): the events of a projector split
+//! by a hash of their stream into N parts, each with its own position in
+//! `projectionist.partitions`, booted side by side and owned separately by
+//! `play`. Whatever the parts do, the read model must be exactly the one an
+//! unpartitioned projector builds, every event applied exactly once.
+//!
+//! Projector names are per test where `play` runs: the owner locks of play are
+//! advisory locks, visible server-wide, and tests run in parallel on one server.
+
+use std::process::{Child, Command, Stdio};
+use std::time::{Duration, Instant};
+
+use serde_json::Value;
+use tokio_postgres::Client;
+
+use crate::harness::*;
+
+// ---------------------------------------------------------------------------
+// Helpers
+
+const TX_LINE: &str = "transaction = \"tx\"\n";
+
+/// The example's four SQL projectors, without the store's transaction column
+/// unless `with_tx`, each `(projector, line)` of `settings` added under that
+/// projector's header (e.g. `("event", "partitions = 3")`).
+fn example_manifest(db: &TestDb, with_tx: bool, settings: &[(&str, &str)]) {
+    example(db);
+    let mut text = std::fs::read_to_string(db.manifest_path()).unwrap();
+    if !with_tx {
+        assert!(text.contains(TX_LINE), "no `{TX_LINE}` in the example");
+        text = text.replacen(TX_LINE, "", 1);
+    }
+    for (name, line) in settings {
+        let header = format!("[projectors.{name}]\n");
+        assert!(text.contains(&header), "no {header} in the example");
+        text = text.replacen(&header, &format!("{header}{line}\n"), 1);
+    }
+    db.write_manifest(&text);
+}
+
+/// Fills schema `expected` with the set-based projection of the events, in
+/// the reader's order: (tx, id) with the transaction column, id without.
+fn expected_projection(db: &TestDb, with_tx: bool) {
+    let mut cmd = Command::new("psql");
+    cmd.arg(&db.url)
+        .args(["-X", "-q", "-v", "ON_ERROR_STOP=1", "-v", "schema=expected"]);
+    if !with_tx {
+        cmd.args(["-v", "order=id"]);
+    }
+    let out = cmd
+        .arg("-f")
+        .arg(root().join("scripts/sql/expected.sql"))
+        .output()
+        .unwrap();
+    assert!(
+        out.status.success(),
+        "expected.sql: {}",
+        String::from_utf8_lossy(&out.stderr)
+    );
+}
+
+/// Asserts the example's nine tables equal the set-based projection as
+/// multisets (EXCEPT ALL both ways), and that they are not trivially empty.
+async fn assert_equals_expected(db: &TestDb, with_tx: bool, context: &str) {
+    assert_tables_equal_expected(db, with_tx, &EXAMPLE_TABLES, context).await;
+}
+
+/// Like [`assert_equals_expected`], for `tables` only.
+async fn assert_tables_equal_expected(db: &TestDb, with_tx: bool, tables: &[&str], context: &str) {
+    expected_projection(db, with_tx);
+    let c = db.client().await;
+    for t in tables {
+        let extra = count(
+            &c,
+            &format!(
+                "SELECT count(*) FROM (SELECT * FROM public.{t} EXCEPT ALL SELECT * FROM expected.{t}) d"
+            ),
+        )
+        .await;
+        let missing = count(
+            &c,
+            &format!(
+                "SELECT count(*) FROM (SELECT * FROM expected.{t} EXCEPT ALL SELECT * FROM public.{t}) d"
+            ),
+        )
+        .await;
+        assert_eq!(
+            (extra, missing),
+            (0, 0),
+            "{context}: table {t} differs from the set-based projection \
+             ({extra} rows too many, {missing} missing)"
+        );
+    }
+    for t in ["event", "dance_hall", "band"]
+        .iter()
+        .filter(|t| tables.contains(t))
+    {
+        assert!(
+            count(&c, &format!("SELECT count(*) FROM public.{t}")).await > 10,
+            "{context}: {t} is (nearly) empty: the comparison proves nothing"
+        );
+    }
+}
+
+/// The last event in the reader's order: (tx, id) with the transaction
+/// column, id without.
+async fn reader_head(c: &Client, with_tx: bool) -> i64 {
+    let sql = if with_tx {
+        "SELECT coalesce((SELECT id FROM events ORDER BY tx DESC, id DESC LIMIT 1), 0)"
+    } else {
+        "SELECT coalesce(max(id), 0) FROM events"
+    };
+    count(c, sql).await
+}
+
+/// One part's row of a live record in `projectionist.partitions`.
+#[derive(Clone, Debug, PartialEq)]
+struct Part {
+    partition: i32,
+    partitions: i32,
+    position: i64,
+    tx: Option<String>,
+    events: i64,
+}
+
+/// The parts of the live record of `name`, by partition.
+async fn parts(c: &Client, name: &str) -> Vec<Part> {
+    c.query(
+        "SELECT partition, partitions, position, tx::text, events_processed \
+         FROM projectionist.partitions WHERE projector = $1 AND version_id IS NULL ORDER BY partition",
+        &[&name],
+    )
+    .await
+    .unwrap()
+    .iter()
+    .map(|r| Part {
+        partition: r.get(0),
+        partitions: r.get(1),
+        position: r.get(2),
+        tx: r.get(3),
+        events: r.get(4),
+    })
+    .collect()
+}
+
+/// (state, position, partitions) of a projector's ledger row.
+async fn record(c: &Client, name: &str) -> (String, i64, i32) {
+    let r = c
+        .query_one(
+            "SELECT state, position, partitions FROM projectionist.projectors WHERE name = $1",
+            &[&name],
+        )
+        .await
+        .unwrap();
+    (r.get(0), r.get(1), r.get(2))
+}
+
+/// Whether the live record of `name` has `n` parts, all at `head`.
+async fn parts_at(c: &Client, name: &str, n: i32, head: i64) -> bool {
+    let ps = parts(c, name).await;
+    ps.len() == n as usize && ps.iter().all(|p| p.position == head)
+}
+
+/// Asserts `name` is live with `n` part rows (partitions 0..n, each knowing
+/// it is one of `n`), every part at `head`, and the projector's own row at
+/// the lowest part.
+async fn assert_parts_at_head(c: &Client, name: &str, n: i32, head: i64) {
+    let ps = parts(c, name).await;
+    assert_eq!(
+        ps.iter()
+            .map(|p| (p.partition, p.partitions))
+            .collect::<Vec<_>>(),
+        (0..n).map(|k| (k, n)).collect::<Vec<_>>(),
+        "{name}: the part rows of the live record: {ps:?}"
+    );
+    for p in &ps {
+        assert_eq!(p.position, head, "{name}: part {p:?} is not at the head");
+    }
+    let lowest = ps.iter().map(|p| p.position).min().unwrap();
+    let (state, position, partitions) = record(c, name).await;
+    assert_eq!(state, "live", "{name}");
+    assert_eq!(partitions, n, "{name}: projectors.partitions");
+    assert_eq!(
+        position, lowest,
+        "{name}: the projector's position is the lowest part's"
+    );
+}
+
+/// The part (0..n) of an event of stream `stream` (an SQL expression giving
+/// text), as the contract defines it.
+fn part_of(stream: &str, n: i32) -> String {
+    format!("coalesce(abs(hashtextextended({stream}, 0) % {n}), 0)")
+}
+
+/// The store of the per-stream counters: `stream_count` counts each stream's
+/// events as they are applied, so an event applied twice (or lost) shows.
+const COUNTER_TABLES: &str = "CREATE TABLE stream_count (stream uuid PRIMARY KEY, n bigint NOT NULL); \
+                              CREATE TABLE stream_seen (id bigint PRIMARY KEY)";
+
+/// A projector counting each stream's `Thing` events (and logging their
+/// positions: applying one twice breaks on the primary key).
+fn counter_projector(name: &str, partitions: i32) -> String {
+    format!(
+        "[projectors.{name}]\npartitions = {partitions}\ntables = [\"stream_count\", \"stream_seen\"]\n\
+         on.Thing = [\"INSERT INTO stream_count (stream, n) VALUES (:stream::uuid, 1) \
+         ON CONFLICT (stream) DO UPDATE SET n = stream_count.n + 1\", \
+         \"INSERT INTO stream_seen (id) VALUES (:position)\"]\n"
+    )
+}
+
+/// Appends `n` `Thing` events over `streams` streams (the same streams on
+/// every call) in one statement; returns the new head.
+async fn add_stream_things(c: &Client, n: i64, streams: i64) -> i64 {
+    c.execute(
+        "INSERT INTO events (aggregate_id, aggregate_name, name, data) \
+         SELECT md5('stream ' || (i % $2))::uuid, 'thing', 'Thing', jsonb_build_object('i', i) \
+         FROM generate_series(1::bigint, $1) i",
+        &[&n, &streams],
+    )
+    .await
+    .unwrap();
+    head(c).await
+}
+
+/// Asserts every stream's counter equals its number of events: none lost,
+/// none applied twice.
+async fn assert_every_event_counted_once(c: &Client) {
+    let wrong = count(
+        c,
+        "SELECT count(*) FROM ( \
+           (SELECT aggregate_id, count(*) FROM events GROUP BY 1 EXCEPT ALL SELECT stream, n FROM stream_count) \
+           UNION ALL \
+           (SELECT stream, n FROM stream_count EXCEPT ALL SELECT aggregate_id, count(*) FROM events GROUP BY 1)) d",
+    )
+    .await;
+    let (events, counted) = (
+        count(c, "SELECT count(*) FROM events").await,
+        count(c, "SELECT coalesce(sum(n), 0)::bigint FROM stream_count").await,
+    );
+    assert_eq!(
+        wrong, 0,
+        "streams whose counter differs from their number of events ({counted} counted for {events} events)"
+    );
+    assert_eq!(counted, events);
+    assert_eq!(count(c, "SELECT count(*) FROM stream_seen").await, events);
+}
+
+/// The parts of `name` (0..n) with the application name of the session
+/// holding each one's `owner:NAME#k` lock (the runner playing it).
+async fn part_owners(c: &Client, name: &str, n: i32) -> Vec<(i32, String)> {
+    c.query(
+        "SELECT k, a.application_name FROM generate_series(0, $2 - 1) k \
+         JOIN pg_locks l ON l.locktype = 'advisory' AND l.granted AND l.objsubid = 2 \
+           AND l.database = (SELECT oid FROM pg_database WHERE datname = current_database()) \
+           AND l.classid::bigint = (hashtext('projectionist:projectionist')::bigint & 4294967295) \
+           AND l.objid::bigint = (hashtext('owner:' || $1 || '#' || k)::bigint & 4294967295) \
+         JOIN pg_stat_activity a ON a.pid = l.pid \
+         ORDER BY 1, 2",
+        &[&name, &n],
+    )
+    .await
+    .unwrap()
+    .iter()
+    .map(|r| (r.get(0), r.get(1)))
+    .collect()
+}
+
+/// The parts of `name` the runner `p` owns.
+async fn parts_owned_by(c: &Client, name: &str, n: i32, p: &Player) -> Vec<i32> {
+    let tag = format!("pid {}", p.pid());
+    part_owners(c, name, n)
+        .await
+        .into_iter()
+        .filter(|(_, app)| app.ends_with(&tag))
+        .map(|(k, _)| k)
+        .collect()
+}
+
+/// Waits for `child` to exit, up to `limit`; kills it (and fails) past that.
+async fn finish(mut child: Child, limit: Duration) -> Run {
+    let started = Instant::now();
+    loop {
+        if child.try_wait().unwrap().is_some() {
+            return Run::from(child.wait_with_output().unwrap());
+        }
+        if started.elapsed() > limit {
+            child.kill().ok();
+            let run = Run::from(child.wait_with_output().unwrap());
+            panic!(
+                "still running after {limit:?}\n--- stdout\n{}\n--- stderr\n{}",
+                run.stdout, run.stderr
+            );
+        }
+        tokio::time::sleep(Duration::from_millis(25)).await;
+    }
+}
+
+/// `boot --json`, asserting exit 0; returns its JSON.
+#[track_caller]
+fn boot_json(db: &TestDb, args: &[&str]) -> Value {
+    let mut all = vec!["boot", "--json"];
+    all.extend_from_slice(args);
+    let run = db.run(&all);
+    run.expect(0);
+    serde_json::from_str(&run.stdout)
+        .unwrap_or_else(|e| panic!("boot --json printed no JSON ({e}):\n{}", run.stdout))
+}
+
+/// A projector's entry in the `projectors` list of a JSON document.
+fn json_projector<'a>(json: &'a Value, name: &str) -> &'a Value {
+    json["projectors"]
+        .as_array()
+        .unwrap_or_else(|| panic!("no projectors list in {json}"))
+        .iter()
+        .find(|p| p["name"] == name)
+        .unwrap_or_else(|| panic!("no projector {name} in {json}"))
+}
+
+/// A number of nanoseconds from the clock, for a random pause.
+fn random_below(limit_ms: u64) -> Duration {
+    let nanos = std::time::SystemTime::now()
+        .duration_since(std::time::UNIX_EPOCH)
+        .unwrap()
+        .subsec_nanos() as u64;
+    Duration::from_millis(nanos % limit_ms)
+}
+
+// ---------------------------------------------------------------------------
+// 1. A partitioned boot builds exactly the read model an unpartitioned one does.
+
+async fn partitioned_boot_equals_the_set_based_projection(with_tx: bool) {
+    for n in [2, 3] {
+        let db = TestDb::new().await;
+        db.gen_events(3_000);
+        let c = db.client().await;
+        let parts_line = format!("partitions = {n}");
+        // `event` (and with 3 parts `dancehall` too: its handlers touch only
+        // the event's own stream) partitioned; band and userpreferences not.
+        let mut settings = vec![("event", parts_line.as_str())];
+        if n == 3 {
+            settings.push(("dancehall", parts_line.as_str()));
+        }
+        example_manifest(&db, with_tx, &settings);
+        // Small batches: every part commits several of them.
+        let json = boot_json(&db, &["--batch-size", "400"]);
+        let h = reader_head(&c, with_tx).await;
+        assert!(h >= 3_000);
+        let event = json_projector(&json, "event");
+        assert_eq!(event["action"], "new", "{json}");
+        assert_eq!(event["state"], "live", "{json}");
+        assert_eq!(event["position"], h, "{json}");
+
+        assert_parts_at_head(&c, "event", n, h).await;
+        if n == 3 {
+            assert_parts_at_head(&c, "dancehall", 3, h).await;
+        } else {
+            assert_eq!(parts(&c, "dancehall").await, Vec::<Part>::new());
+            assert_eq!(record(&c, "dancehall").await, ("live".into(), h, 1));
+        }
+        for p in ["band", "userpreferences"] {
+            assert_eq!(parts(&c, p).await, Vec::<Part>::new(), "{p}");
+            assert_eq!(record(&c, p).await, ("live".into(), h, 1), "{p}");
+        }
+        // Each part applied its own streams' events, together all of them.
+        let ps = parts(&c, "event").await;
+        let handled = count(
+            &c,
+            "SELECT count(*) FROM events WHERE name IN ('EventCreated', 'EventUpdated', 'EventDeleted')",
+        )
+        .await;
+        assert_eq!(ps.iter().map(|p| p.events).sum::<i64>(), handled, "{ps:?}");
+        for p in &ps {
+            let own = count(
+                &c,
+                &format!(
+                    "SELECT count(*) FROM events WHERE name IN ('EventCreated', 'EventUpdated', 'EventDeleted') \
+                     AND {} = {}",
+                    part_of("aggregate_id::text", n),
+                    p.partition
+                ),
+            )
+            .await;
+            assert_eq!(p.events, own, "events processed by part {p:?}");
+        }
+        if with_tx {
+            assert!(ps.iter().all(|p| p.tx.is_some()), "{ps:?}");
+        }
+        assert_equals_expected(&db, with_tx, &format!("partitions = {n}")).await;
+    }
+}
+
+#[tokio::test]
+async fn a_partitioned_boot_equals_the_set_based_projection_with_transaction_column() {
+    partitioned_boot_equals_the_set_based_projection(true).await;
+}
+
+#[tokio::test]
+async fn a_partitioned_boot_equals_the_set_based_projection_without_transaction_column() {
+    partitioned_boot_equals_the_set_based_projection(false).await;
+}
+
+// ---------------------------------------------------------------------------
+// 2. play keeps the parts up to date: still the same read model.
+
+async fn partitioned_play_equals_the_set_based_projection(with_tx: bool) {
+    let db = TestDb::new().await;
+    db.gen_events(2_000);
+    let c = db.client().await;
+    example_manifest(
+        &db,
+        with_tx,
+        &[("event", "partitions = 3"), ("dancehall", "partitions = 2")],
+    );
+    db.run(&["boot"]).expect(0);
+    let mut play = Player::start(&db, "parts", &["--poll", "200ms", "--batch-size", "100"]);
+    wait_for("play to take every part", PATIENCE, &[&play], async || {
+        let log = play.log();
+        (0..3).all(|k| log.contains(&format!("playing partition {k} of 3 of projector `event`")))
+            && (0..2).all(|k| {
+                log.contains(&format!(
+                    "playing partition {k} of 2 of projector `dancehall`"
+                ))
+            })
+    })
+    .await;
+
+    // Several appends, each several transactions, many batches of 100.
+    for _ in 0..4 {
+        db.gen_events(500);
+        tokio::time::sleep(Duration::from_millis(150)).await;
+    }
+    let h = reader_head(&c, with_tx).await;
+    wait_for(
+        "every projector and part to reach the head",
+        PATIENCE,
+        &[&play],
+        async || {
+            parts_at(&c, "event", 3, h).await
+                && parts_at(&c, "dancehall", 2, h).await
+                && position(&c, "event").await == h
+                && position(&c, "dancehall").await == h
+                && position(&c, "band").await == h
+                && position(&c, "userpreferences").await == h
+        },
+    )
+    .await;
+    play.assert_running();
+    assert_parts_at_head(&c, "event", 3, h).await;
+    assert_parts_at_head(&c, "dancehall", 2, h).await;
+    assert_eq!(
+        count(&c, "SELECT count(*) FROM projectionist.failures").await,
+        0,
+        "{}",
+        play.log()
+    );
+    assert_equals_expected(&db, with_tx, "after play").await;
+    play.stop();
+}
+
+#[tokio::test]
+async fn partitioned_play_equals_the_set_based_projection_with_transaction_column() {
+    partitioned_play_equals_the_set_based_projection(true).await;
+}
+
+#[tokio::test]
+async fn partitioned_play_equals_the_set_based_projection_without_transaction_column() {
+    partitioned_play_equals_the_set_based_projection(false).await;
+}
+
+// ---------------------------------------------------------------------------
+// 3. SIGKILL mid-boot: each part resumes from its own position, exactly once.
+
+#[tokio::test]
+async fn sigkill_mid_boot_of_a_partitioned_projector_resumes_each_part_exactly_once() {
+    let db = TestDb::new().await;
+    let c = thing_store(
+        &db,
+        false,
+        COUNTER_TABLES,
+        &counter_projector("per_stream", 3),
+    )
+    .await;
+    let total = add_stream_things(&c, 40_000, 300).await;
+    let in_part = |k: i32| format!("{} = {k}", part_of("aggregate_id::text", 3));
+
+    let mut processed_before = 0;
+    for round in 0..2 {
+        let mut boot = db
+            .command(&["boot", "--batch-size", "200", "-q"])
+            .stdout(Stdio::null())
+            .stderr(Stdio::null())
+            .spawn()
+            .unwrap();
+        // Some parts have committed batches (beyond what the last round did).
+        wait_for("the parts to commit batches", PATIENCE, &[], async || {
+            parts(&c, "per_stream")
+                .await
+                .iter()
+                .map(|p| p.events)
+                .sum::<i64>()
+                >= processed_before + 3_000
+        })
+        .await;
+        tokio::time::sleep(random_below(800)).await;
+        assert!(
+            boot.try_wait().unwrap().is_none(),
+            "round {round}: boot finished before it could be killed: give it more events"
+        );
+        boot.kill().unwrap(); // SIGKILL
+        boot.wait().unwrap();
+
+        let ps = parts(&c, "per_stream").await;
+        eprintln!("round {round}: killed with the parts at {ps:?}");
+        assert_eq!(ps.len(), 3);
+        assert!(
+            ps.iter().any(|p| p.position < total),
+            "round {round}: not mid-boot: {ps:?}"
+        );
+        let (state, pos, _) = record(&c, "per_stream").await;
+        assert_eq!(state, "booting");
+        assert_eq!(pos, ps.iter().map(|p| p.position).min().unwrap());
+        // What each part committed is exactly its streams' events up to its position.
+        for p in &ps {
+            let applied = count(
+                &c,
+                &format!(
+                    "SELECT coalesce(sum(n), 0)::bigint FROM stream_count WHERE {}",
+                    in_part(p.partition).replace("aggregate_id", "stream")
+                ),
+            )
+            .await;
+            let upto = c
+                .query_one(
+                    &format!(
+                        "SELECT count(*) FROM events WHERE {} AND (tx, id) <= ($1::text::xid8, $2::bigint)",
+                        in_part(p.partition)
+                    ),
+                    &[&p.tx, &p.position],
+                )
+                .await
+                .unwrap()
+                .get::<_, i64>(0);
+            assert_eq!(
+                applied, upto,
+                "round {round}: part {p:?}: applied events vs its events up to its position"
+            );
+            assert_eq!(
+                p.events, upto,
+                "round {round}: part {p:?}: events_processed"
+            );
+        }
+        processed_before = ps.iter().map(|p| p.events).sum();
+    }
+
+    let json = boot_json(&db, &[]);
+    assert_eq!(
+        json_projector(&json, "per_stream")["action"],
+        "resume",
+        "{json}"
+    );
+    assert_parts_at_head(&c, "per_stream", 3, total).await;
+    assert_every_event_counted_once(&c).await;
+    assert_eq!(
+        parts(&c, "per_stream")
+            .await
+            .iter()
+            .map(|p| p.events)
+            .sum::<i64>(),
+        total
+    );
+}
+
+// ---------------------------------------------------------------------------
+// 4. Several runners: parts owned separately, taken over when a runner dies.
+
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn two_runners_play_separate_parts_and_one_takes_the_others_over_when_it_is_killed() {
+    let db = TestDb::new().await;
+    let name = "split_parts";
+    let c = thing_store(&db, true, COUNTER_TABLES, &counter_projector(name, 4)).await;
+    add_stream_things(&c, 1_000, 50).await;
+    db.run(&["boot"]).expect(0);
+
+    // A runner takes every free part: to give each runner some, parts 2 and 3
+    // are held here while the first runner starts. Its poll is long, so only
+    // the second runner (200 ms) takes them once they are let go.
+    let holder = db.client().await;
+    for k in [2, 3] {
+        holder
+            .execute(
+                "SELECT pg_advisory_lock(hashtext('projectionist:projectionist'), hashtext($1))",
+                &[&format!("owner:{name}#{k}")],
+            )
+            .await
+            .unwrap();
+    }
+    let mut first = Player::start(&db, "first", &["--poll", "30s", "--batch-size", "50"]);
+    wait_for(
+        "the first runner to take parts 0 and 1",
+        PATIENCE,
+        &[&first],
+        async || parts_owned_by(&c, name, 4, &first).await == [0, 1],
+    )
+    .await;
+    let mut second = Player::start(&db, "second", &["--poll", "200ms", "--batch-size", "50"]);
+    wait_for(
+        "the second runner to start",
+        PATIENCE,
+        &[&second],
+        async || second.log().contains("playing live projectors"),
+    )
+    .await;
+    tokio::time::sleep(Duration::from_millis(600)).await;
+    assert_eq!(
+        parts_owned_by(&c, name, 4, &second).await,
+        Vec::<i32>::new()
+    );
+    holder
+        .batch_execute("SELECT pg_advisory_unlock_all()")
+        .await
+        .unwrap();
+    wait_for(
+        "the second runner to take parts 2 and 3",
+        PATIENCE,
+        &[&first, &second],
+        async || parts_owned_by(&c, name, 4, &second).await == [2, 3],
+    )
+    .await;
+    assert_eq!(parts_owned_by(&c, name, 4, &first).await, [0, 1]);
+
+    // Events in several transactions: every part advances, in both runners.
+    let before = parts(&c, name).await;
+    for _ in 0..5 {
+        add_stream_things(&c, 200, 50).await;
+        tokio::time::sleep(Duration::from_millis(50)).await;
+    }
+    let h = head(&c).await;
+    wait_for(
+        "every part to reach the head",
+        PATIENCE,
+        &[&first, &second],
+        async || parts_at(&c, name, 4, h).await && position(&c, name).await == h,
+    )
+    .await;
+    let after = parts(&c, name).await;
+    for (b, a) in before.iter().zip(&after) {
+        assert!(
+            a.events > b.events,
+            "part {} did not apply any new event: {b:?} -> {a:?}",
+            a.partition
+        );
+    }
+    assert_every_event_counted_once(&c).await;
+    let (one, two) = (first.log(), second.log());
+    for k in 0..4 {
+        let line = format!("playing partition {k} of 4 of projector `{name}`");
+        assert_eq!(
+            (one.contains(&line), two.contains(&line)),
+            (k < 2, k >= 2),
+            "which runner logged `{line}`\n{one}\n{two}"
+        );
+    }
+
+    // SIGKILL the first runner while events keep coming: the second takes its parts.
+    first.sigkill();
+    add_stream_things(&c, 300, 50).await;
+    let took = wait_for(
+        "the second runner to take every part over",
+        PATIENCE,
+        &[&second],
+        async || parts_owned_by(&c, name, 4, &second).await == [0, 1, 2, 3],
+    )
+    .await;
+    eprintln!("parts taken over {took:?} after SIGKILL");
+    assert!(took < Duration::from_secs(10), "takeover took {took:?}");
+    let h = add_stream_things(&c, 300, 50).await;
+    wait_for(
+        "every part to reach the head after the takeover",
+        PATIENCE,
+        &[&second],
+        async || parts_at(&c, name, 4, h).await && position(&c, name).await == h,
+    )
+    .await;
+    assert_parts_at_head(&c, name, 4, h).await;
+    assert_every_event_counted_once(&c).await;
+    assert_eq!(
+        count(&c, "SELECT count(*) FROM projectionist.failures").await,
+        0,
+        "{}",
+        second.log()
+    );
+    second.stop();
+}
+
+/// Two runners of a partitioned projector share its parts: a second runner
+/// started beside one that plays every part gets some of them (scaling out).
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+#[ignore = "bug: a runner takes every free part at its first pass; a second runner never gets any (parts are not split)"]
+async fn a_second_runner_gets_a_share_of_the_parts() {
+    let db = TestDb::new().await;
+    let name = "share_parts";
+    let c = thing_store(&db, true, COUNTER_TABLES, &counter_projector(name, 4)).await;
+    add_stream_things(&c, 1_000, 50).await;
+    db.run(&["boot"]).expect(0);
+    let mut first = Player::start(&db, "first", &["--poll", "200ms"]);
+    wait_for(
+        "the first runner to play every part",
+        PATIENCE,
+        &[&first],
+        async || parts_owned_by(&c, name, 4, &first).await == [0, 1, 2, 3],
+    )
+    .await;
+    // Scaling out: a second runner starts beside it.
+    let mut second = Player::start(&db, "second", &["--poll", "200ms"]);
+    let took = wait_for(
+        "both runners to own parts",
+        15.0,
+        &[&first, &second],
+        async || {
+            part_owners(&c, name, 4).await.len() == 4
+                && !parts_owned_by(&c, name, 4, &first).await.is_empty()
+                && !parts_owned_by(&c, name, 4, &second).await.is_empty()
+        },
+    )
+    .await;
+    assert!(
+        took < Duration::from_secs(10),
+        "the parts were split after {took:?}"
+    );
+    let h = add_stream_things(&c, 500, 50).await;
+    wait_for(
+        "every part to reach the head",
+        PATIENCE,
+        &[&first, &second],
+        async || parts_at(&c, name, 4, h).await,
+    )
+    .await;
+    assert_every_event_counted_once(&c).await;
+    first.stop();
+    second.stop();
+}
+
+// ---------------------------------------------------------------------------
+// 5. Changing the number of partitions rebuilds the projector.
+
+async fn changing_partitions_rebuilds(in_place: bool) {
+    let db = TestDb::new().await;
+    db.gen_events(2_000);
+    let c = db.client().await;
+    let rebuild = if in_place {
+        "rebuild = \"in_place\""
+    } else {
+        "rebuild = \"swap\""
+    };
+    example_manifest(
+        &db,
+        true,
+        &[("event", "partitions = 2"), ("event", rebuild)],
+    );
+    db.run(&["boot"]).expect(0);
+    let h = reader_head(&c, true).await;
+    assert_parts_at_head(&c, "event", 2, h).await;
+
+    for n in [3, 1] {
+        db.gen_events(300);
+        let parts_line = format!("partitions = {n}");
+        example_manifest(
+            &db,
+            true,
+            &[("event", parts_line.as_str()), ("event", rebuild)],
+        );
+        let json = boot_json(&db, &[]);
+        let h = reader_head(&c, true).await;
+        let event = json_projector(&json, "event");
+        assert_eq!(event["action"], "rebuild", "2 -> {n}: {json}");
+        assert_eq!(event["state"], "live", "{json}");
+        assert_eq!(event["position"], h, "{json}");
+        // Only `event` is rebuilt (the others are live: play's to catch up).
+        assert_eq!(
+            json["projectors"].as_array().unwrap().len(),
+            1,
+            "only event is booted: {json}"
+        );
+        let swapped: Vec<&Value> = json["swaps"]
+            .as_array()
+            .unwrap()
+            .iter()
+            .filter(|s| {
+                s["projectors"]
+                    .as_array()
+                    .unwrap()
+                    .contains(&Value::from("event"))
+            })
+            .collect();
+        assert_eq!(swapped.len(), usize::from(!in_place), "swaps: {json}");
+        if n > 1 {
+            assert_parts_at_head(&c, "event", n, h).await;
+        } else {
+            assert_eq!(
+                parts(&c, "event").await,
+                Vec::<Part>::new(),
+                "unpartitioned again: no part rows left for the live record"
+            );
+            assert_eq!(record(&c, "event").await, ("live".into(), h, 1));
+        }
+        assert_eq!(
+            count(
+                &c,
+                "SELECT count(*) FROM projectionist.versions WHERE kind = 'build'"
+            )
+            .await,
+            0,
+            "no build left behind"
+        );
+        // Only `event` is at the head (the others wait for play).
+        assert_tables_equal_expected(
+            &db,
+            true,
+            &["event"],
+            &format!("rebuilt with partitions = {n}"),
+        )
+        .await;
+    }
+}
+
+#[tokio::test]
+#[ignore = "bug: building a partitioned version beside the live one fails: `locking a partitioned projector's row: expected 0 parameters but got 1`"]
+async fn changing_partitions_rebuilds_the_projector_beside_the_live_one() {
+    changing_partitions_rebuilds(false).await;
+}
+
+#[tokio::test]
+async fn changing_partitions_rebuilds_the_projector_in_place() {
+    changing_partitions_rebuilds(true).await;
+}
+
+/// A version bump and a reset of a partitioned projector rebuild it beside
+/// the live tables (the default `rebuild = "swap"`), parts and all.
+#[tokio::test]
+#[ignore = "bug: building a partitioned version beside the live one fails: `locking a partitioned projector's row: expected 0 parameters but got 1`"]
+async fn a_version_bump_and_a_reset_of_a_partitioned_projector_rebuild_it_beside() {
+    let db = TestDb::new().await;
+    db.gen_events(2_000);
+    let c = db.client().await;
+    example_manifest(&db, true, &[("event", "partitions = 2")]);
+    db.run(&["boot"]).expect(0);
+
+    let run = db.run(&["reset", "event", "--yes"]);
+    run.expect(0);
+    let h = reader_head(&c, true).await;
+    assert_parts_at_head(&c, "event", 2, h).await;
+    assert_tables_equal_expected(&db, true, &["event"], "after reset").await;
+
+    db.gen_events(300);
+    let text = std::fs::read_to_string(db.manifest_path()).unwrap();
+    let bumped = text.replacen(
+        "[projectors.event]\npartitions = 2\nmode = \"from_beginning\"\ntables = [\"event\"]\nversion = 1\n",
+        "[projectors.event]\npartitions = 2\nmode = \"from_beginning\"\ntables = [\"event\"]\nversion = 2\n",
+        1,
+    );
+    assert_ne!(bumped, text, "the version line of `event` was not found");
+    db.write_manifest(&bumped);
+    let json = boot_json(&db, &[]);
+    assert_eq!(
+        json_projector(&json, "event")["action"],
+        "rebuild",
+        "{json}"
+    );
+    let h = reader_head(&c, true).await;
+    assert_parts_at_head(&c, "event", 2, h).await;
+    assert_eq!(
+        count(
+            &c,
+            "SELECT version FROM projectionist.projectors WHERE name = 'event'"
+        )
+        .await,
+        2
+    );
+    assert_tables_equal_expected(&db, true, &["event"], "after the version bump").await;
+}
+
+// ---------------------------------------------------------------------------
+// 6. A store without a stream cannot partition.
+
+#[tokio::test]
+async fn partitions_on_a_store_without_a_stream_are_refused_pointing_at_the_key() {
+    let db = TestDb::new().await;
+    let c = db.client().await;
+    c.batch_execute("CREATE TABLE seen (id bigint PRIMARY KEY)")
+        .await
+        .unwrap();
+    add_things(&c, 10).await;
+    let text = "[store]\ntable = \"events\"\nposition = \"id\"\ntype = \"name\"\ndata = \"data\"\n\
+                time = \"tstamp\"\ntransaction = \"tx\"\n\n\
+                [projectors.nostream]\ntables = [\"seen\"]\npartitions = 2\n\
+                on.Thing = \"INSERT INTO seen (id) VALUES (:position)\"\n";
+    db.write_manifest(text);
+    let line = text.lines().position(|l| l == "partitions = 2").unwrap() + 1;
+    let at = format!("projectors.toml:{line}:14");
+    for cmd in ["validate", "boot", "play"] {
+        let child = db
+            .command(&[cmd])
+            .stdout(Stdio::piped())
+            .stderr(Stdio::piped())
+            .spawn()
+            .unwrap();
+        let run = finish(child, Duration::from_secs(20)).await;
+        run.expect(2);
+        assert!(
+            run.stderr.contains("partitioned by stream") && run.stderr.contains("no stream"),
+            "{cmd}: the message says why\n{}",
+            run.stderr
+        );
+        assert!(
+            run.stderr.contains(&at),
+            "{cmd}: the message points at the `partitions` value ({at})\n{}",
+            run.stderr
+        );
+        assert!(
+            run.stderr.contains("partitions = 2"),
+            "{cmd}: the offending line is shown\n{}",
+            run.stderr
+        );
+    }
+    assert_eq!(db.ledger("nostream").await, None, "nothing booted");
+    assert_eq!(count(&c, "SELECT count(*) FROM seen").await, 0);
+}
+
+// ---------------------------------------------------------------------------
+// 7. verify under traffic never reports a partitioned projector as MISMATCH.
+
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn verify_of_partitioned_projectors_under_traffic_reports_no_mismatch() {
+    let db = TestDb::new().await;
+    db.gen_events(2_000);
+    let c = db.client().await;
+    example_manifest(
+        &db,
+        true,
+        &[("event", "partitions = 3"), ("dancehall", "partitions = 2")],
+    );
+    db.run(&["boot"]).expect(0);
+    let mut play = Player::start(&db, "verify", &["--poll", "100ms", "--batch-size", "40"]);
+
+    // A writer appends dancefinder events all along.
+    let stop = std::sync::Arc::new(std::sync::atomic::AtomicBool::new(false));
+    let writer = {
+        let (stop, url) = (stop.clone(), db.url.clone());
+        std::thread::spawn(move || {
+            let mut appended = 0;
+            while !stop.load(std::sync::atomic::Ordering::SeqCst) {
+                let out = Command::new(root().join("scripts/gen-events"))
+                    .arg("150")
+                    .env("DATABASE_URL", &url)
+                    .output()
+                    .unwrap();
+                assert!(
+                    out.status.success(),
+                    "{}",
+                    String::from_utf8_lossy(&out.stderr)
+                );
+                appended += 1;
+                std::thread::sleep(Duration::from_millis(30));
+            }
+            appended
+        })
+    };
+    let mut verdicts: Vec<String> = Vec::new();
+    for i in 0..6 {
+        let run = db.run(&["verify", "event", "dancehall", "--json"]);
+        let json: Value = serde_json::from_str(&run.stdout)
+            .unwrap_or_else(|e| panic!("verify --json ({e}):\n{}\n{}", run.stdout, run.stderr));
+        let checks = json["checks"].as_array().unwrap();
+        assert_eq!(checks.len(), 3, "the checks of event and dancehall: {json}");
+        for check in checks {
+            let result = check["result"].as_str().unwrap();
+            assert!(
+                result == "ok" || result == "behind",
+                "verify run {i} under traffic: {check}\n{}",
+                play.log()
+            );
+            verdicts.push(format!("{}: {result}", check["projector"]));
+        }
+        run.expect(0);
+        tokio::time::sleep(Duration::from_millis(200)).await;
+    }
+    stop.store(true, std::sync::atomic::Ordering::SeqCst);
+    let appended = writer.join().unwrap();
+    eprintln!("{appended} appends while verify ran; verdicts {verdicts:?}");
+    assert!(appended >= 2, "verify ran without traffic");
+
+    // At rest, every check holds (they can fail: the projections are counted).
+    let h = reader_head(&c, true).await;
+    wait_for(
+        "every part to reach the head",
+        PATIENCE,
+        &[&play],
+        async || parts_at(&c, "event", 3, h).await && parts_at(&c, "dancehall", 2, h).await,
+    )
+    .await;
+    let run = db.run(&["verify", "--json"]);
+    run.expect(0);
+    let json: Value = serde_json::from_str(&run.stdout).unwrap();
+    for check in json["checks"].as_array().unwrap() {
+        if check["projector"] == "event" || check["projector"] == "dancehall" {
+            assert_eq!(check["result"], "ok", "at rest: {check}");
+        }
+    }
+    assert_equals_expected(&db, true, "after verify under traffic").await;
+    play.stop();
+}
+
+// ---------------------------------------------------------------------------
+// 8. status shows the parts.
+
+#[tokio::test]
+async fn status_shows_each_part_with_its_position_lag_and_events() {
+    let db = TestDb::new().await;
+    let c = db.client().await;
+    c.batch_execute("CREATE TABLE part_log (id bigint PRIMARY KEY); CREATE TABLE flat_log (id bigint PRIMARY KEY)")
+        .await
+        .unwrap();
+    // The stream is an expression: events without one (`{}`) go to part 0.
+    c.execute(
+        "INSERT INTO events (aggregate_id, aggregate_name, name, data) \
+         SELECT gen_random_uuid(), 'thing', 'Thing', \
+                CASE WHEN i % 10 = 0 THEN '{}'::jsonb ELSE jsonb_build_object('s', 'stream ' || (i % 37)) END \
+         FROM generate_series(1, 1000) i",
+        &[],
+    )
+    .await
+    .unwrap();
+    db.write_manifest(&format!(
+        "[store]\ntable = \"events\"\nposition = \"id\"\ntype = \"name\"\ndata = \"data\"\n\
+         stream = \"data->>'s'\"\ntime = \"tstamp\"\ntransaction = \"tx\"\n\n\
+         [projectors.parted]\npartitions = 3\ntables = [\"part_log\"]\n\
+         on.Thing = \"INSERT INTO part_log (id) VALUES (:position)\"\n\n{}",
+        logger("flat", "from_beginning", "flat_log")
+    ));
+    db.run(&["boot"]).expect(0);
+    let booted = head(&c).await;
+    assert_parts_at_head(&c, "parted", 3, booted).await;
+    // New events nobody plays: every part lags by them.
+    let h = add_things(&c, 25).await;
+    let lag = h - booted;
+
+    let run = db.run(&["status", "--json"]);
+    run.expect(0);
+    let json: Value = serde_json::from_str(&run.stdout).unwrap();
+    let parted = json_projector(&json, "parted");
+    assert_eq!(parted["position"], booted, "{parted}");
+    assert_eq!(parted["lag"], lag, "{parted}");
+    let shown = parted["partitions"]
+        .as_array()
+        .unwrap_or_else(|| panic!("{parted}"));
+    assert_eq!(shown.len(), 3, "{parted}");
+    let mut total = 0;
+    for (k, part) in shown.iter().enumerate() {
+        let own = count(
+            &c,
+            &format!(
+                "SELECT count(*) FROM events WHERE id <= {booted} AND {} = {k}",
+                part_of("data->>'s'", 3)
+            ),
+        )
+        .await;
+        assert!(own > 0, "part {k} has no events: the test proves nothing");
+        assert_eq!(part["partition"], k, "{parted}");
+        assert_eq!(part["position"], booted, "{parted}");
+        assert_eq!(part["lag"], lag, "{parted}");
+        assert_eq!(part["events_processed"], own, "part {k}: {parted}");
+        total += own;
+    }
+    assert_eq!(total, booted);
+    assert!(
+        shown[0]["events_processed"].as_i64().unwrap()
+            >= count(
+                &c,
+                &format!("SELECT count(*) FROM events WHERE id <= {booted} AND data->>'s' IS NULL")
+            )
+            .await,
+        "the events without a stream are part 0's: {parted}"
+    );
+    assert_eq!(
+        json_projector(&json, "flat")["partitions"],
+        serde_json::json!([]),
+        "an unpartitioned projector has no parts"
+    );
+
+    let run = db.run(&["status", "parted"]);
+    run.expect(0);
+    let line = run
+        .stdout
+        .lines()
+        .find(|l| l.starts_with("partitions"))
+        .unwrap_or_else(|| panic!("no `partitions` line:\n{}", run.stdout));
+    let want = (0..3)
+        .map(|k| format!("#{k} at {booted} (lag {lag})"))
+        .collect::<Vec<_>>()
+        .join(", ");
+    assert_eq!(
+        line.trim_start_matches("partitions").trim(),
+        want,
+        "{}",
+        run.stdout
+    );
+    let flat = db.run(&["status", "flat"]);
+    flat.expect(0);
+    assert!(
+        !flat.stdout.lines().any(|l| l.starts_with("partitions")),
+        "{}",
+        flat.stdout
+    );
+}
