@@ -1016,6 +1016,9 @@ impl Booting<'_> {
                         held_back: None,
                     };
                     let mut part_client = self.ctx.connect("boot", Session::Holder).await?;
+                    if let Record::Build(_) = record {
+                        crate::engine::rebuild::enter_build_schema(self.ctx, &part_client).await?;
+                    }
                     let end = self.play_to_head(&mut part_client, record, &mut own).await;
                     if matches!(end, Err(_) | Ok(Ended::Broken(..))) {
                         stop.cancel();

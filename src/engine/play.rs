@@ -98,6 +98,7 @@ pub async fn play(
         warned: HashMap::new(),
         late_checked: None,
     };
+    supervisor.present(&control).await;
     let mut control = Some(control);
     metrics.set_up(true);
     while !shutdown.is_cancelled() {
@@ -162,6 +163,13 @@ async fn start(
     }
 }
 
+/// A worker of this runner: its task, and the token that asks it alone to
+/// leave (its projector's part goes to another runner).
+struct Running {
+    handle: tokio::task::JoinHandle<()>,
+    leave: CancellationToken,
+}
+
 /// The control loop's state: the runners of the projectors this process owns.
 struct Supervisor<'a> {
     ctx: &'a Context,
@@ -170,7 +178,7 @@ struct Supervisor<'a> {
     metrics: Arc<Metrics>,
     wake: watch::Receiver<u64>,
     shutdown: CancellationToken,
-    workers: HashMap<String, tokio::task::JoinHandle<()>>,
+    workers: HashMap<String, Running>,
     /// The last warning given per projector (said once).
     warned: HashMap<String, String>,
     late_checked: Option<Instant>,
@@ -184,6 +192,27 @@ impl Supervisor<'_> {
         if let Some(c) = client.filter(|c| !c.is_closed()) {
             return Some(c);
         }
+        let c = self.connect_control().await?;
+        self.present(&c).await;
+        Some(c)
+    }
+
+    /// Counts this runner among the runners on its control connection, so
+    /// that partitioned projectors' parts are shared (a failure only means
+    /// it takes more than its share until the next connection).
+    async fn present(&self, control: &Client) {
+        let taken = self
+            .ctx
+            .database
+            .within(self.ctx.locks.try_lock_shared(control, LockKey::Runners))
+            .await;
+        if let Err(e) = taken.and_then(|r| r) {
+            tracing::warn!("{}", crate::error::one_line(&e));
+        }
+    }
+
+    /// A new control connection, waiting with backoff (`None`: shut down).
+    async fn connect_control(&mut self) -> Option<Client> {
         let mut backoff = Duration::from_millis(500);
         loop {
             let connected = tokio::select! {
@@ -245,7 +274,7 @@ impl Supervisor<'_> {
     /// frozen network) is given up: the server rolls it back.
     async fn stop(&mut self) {
         let limit = self.ctx.database.liveness().session;
-        for (name, mut handle) in self.workers.drain() {
+        for (name, Running { mut handle, .. }) in self.workers.drain() {
             if tokio::time::timeout(limit, &mut handle).await.is_err() {
                 handle.abort();
                 tracing::warn!(
@@ -261,7 +290,8 @@ impl Supervisor<'_> {
     /// for now and then, free live projectors taken.
     async fn pass(&mut self, client: &Client) -> Result<()> {
         let ctx = self.ctx;
-        self.workers.retain(|_, h| !h.is_finished());
+        self.workers.retain(|_, w| !w.handle.is_finished());
+        let runners = ctx.locks.holders(client, LockKey::Runners).await?.max(1);
         let rows = ctx.ledger.rows(client).await?;
         ctx.ledger
             .note_missing(client, &ctx.manifest.names())
@@ -314,47 +344,75 @@ impl Supervisor<'_> {
             if row.state != State::Live {
                 continue;
             }
-            let parts = Partition::all(p.partitions);
-            let parts: Vec<Option<Partition>> = if parts.is_empty() {
-                vec![None]
-            } else {
-                parts.into_iter().map(Some).collect()
-            };
-            for part in parts {
-                self.take(client, p, part, row.position).await?;
+            if p.partitions <= 1 {
+                self.take(client, p, None, row.position).await?;
+                continue;
+            }
+            // Each runner plays its share of the parts: it takes free ones up
+            // to its share, and gives one up per pass while it holds more
+            // (another runner came).
+            let share = (p.partitions as usize).div_ceil(runners);
+            let mine: Vec<Partition> = Partition::all(p.partitions)
+                .into_iter()
+                .filter(|part| self.workers.contains_key(&worker_key(&p.name, Some(*part))))
+                .collect();
+            if mine.len() > share {
+                if let Some(part) = mine.last()
+                    && let Some(w) = self.workers.get(&worker_key(&p.name, Some(*part)))
+                    && !w.leave.is_cancelled()
+                {
+                    tracing::info!(
+                        "leaving {part} of projector `{}` to another runner ({runners} runners share its parts)",
+                        p.name
+                    );
+                    w.leave.cancel();
+                }
+                continue;
+            }
+            let mut held = mine.len();
+            for part in Partition::all(p.partitions) {
+                if held >= share {
+                    break;
+                }
+                if self.take(client, p, Some(part), row.position).await? {
+                    held += 1;
+                }
             }
         }
         Ok(())
     }
 
-    /// Takes a live projector (or one part of it) unless a runner plays it.
+    /// Takes a live projector (or one part of it) unless a runner plays it;
+    /// whether this runner took it now.
     async fn take(
         &mut self,
         client: &Client,
         p: &Projector,
         part: Option<Partition>,
         position: Position,
-    ) -> Result<()> {
+    ) -> Result<bool> {
         let ctx = self.ctx;
         let key = worker_key(&p.name, part);
         if self.workers.contains_key(&key) {
-            return Ok(());
+            return Ok(false);
         }
         let owner = match part {
             None => LockKey::Owner(&p.name),
             Some(part) => LockKey::PartOwner(&p.name, part.index),
         };
         if ctx.locks.holder(client, owner).await?.is_some() {
-            return Ok(()); // Another runner owns it.
+            return Ok(false); // Another runner owns it.
         }
         let worker_client = ctx.connect("play", Session::Holder).await?;
         if !ctx.locks.try_lock(&worker_client, owner).await? {
-            return Ok(());
+            return Ok(false);
         }
         match part {
             None => tracing::info!("playing projector `{}` from position {position}", p.name),
             Some(part) => tracing::info!("playing {part} of projector `{}`", p.name),
         }
+        // Stops with play, or alone when the part goes to another runner.
+        let leave = self.shutdown.child_token();
         let worker = Worker {
             ctx: ctx.clone(),
             projector: p.clone(),
@@ -366,27 +424,26 @@ impl Supervisor<'_> {
             opts: self.opts.clone(),
             metrics: self.metrics.clone(),
             wake: self.wake.clone(),
-            shutdown: self.shutdown.clone(),
+            shutdown: leave.clone(),
         };
-        self.workers.insert(
-            key.clone(),
-            tokio::spawn(async move {
-                if let Err(e) = worker.run(worker_client).await {
-                    tracing::warn!(
-                        "projector `{key}`: this runner stopped playing it: {}; it is taken again at the next poll",
-                        crate::error::render(&e)
-                    );
-                }
-            }),
-        );
-        Ok(())
+        let handle = tokio::spawn(async move {
+            if let Err(e) = worker.run(worker_client).await {
+                tracing::warn!(
+                    "projector `{key}`: this runner stopped playing it: {}; it is taken again at the next poll",
+                    crate::error::render(&e)
+                );
+            }
+        });
+        self.workers
+            .insert(worker_key(&p.name, part), Running { handle, leave });
+        Ok(true)
     }
 
     /// Drops every runner at once (their connections close; the server
     /// releases what they held).
     fn abort_workers(&mut self) {
-        for (_, handle) in self.workers.drain() {
-            handle.abort();
+        for (_, w) in self.workers.drain() {
+            w.handle.abort();
         }
     }
 }

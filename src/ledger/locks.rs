@@ -25,6 +25,9 @@ pub enum LockKey<'a> {
     Owner(&'a str),
     /// The runner that plays one part of a partitioned projector.
     PartOwner(&'a str, i32),
+    /// Every running `play` holds it shared on its control connection: how
+    /// many there are (partitioned projectors' parts are shared among them).
+    Runners,
     /// A projector's version being built beside the live one (held while it
     /// builds; play goes on playing the live version meanwhile).
     Build(&'a str),
@@ -38,6 +41,7 @@ impl LockKey<'_> {
             LockKey::Projector(name) => format!("projector:{name}"),
             LockKey::Owner(name) => format!("owner:{name}"),
             LockKey::PartOwner(name, part) => format!("owner:{name}#{part}"),
+            LockKey::Runners => "runners".into(),
             LockKey::Build(name) => format!("build:{name}"),
         }
     }
@@ -52,6 +56,7 @@ impl LockKey<'_> {
             LockKey::PartOwner(name, part) => {
                 format!("the runner of partition {part} of projector `{name}`")
             }
+            LockKey::Runners => "the runners of play".into(),
             LockKey::Build(name) => format!("the build of projector `{name}`"),
         }
     }
@@ -102,6 +107,39 @@ impl Locks {
             .await
             .context("taking an advisory lock")?
             .col(0)
+    }
+
+    /// Takes a shared session-level lock (never waits: nothing takes it alone).
+    pub async fn try_lock_shared(
+        &self,
+        client: &impl GenericClient,
+        key: LockKey<'_>,
+    ) -> Result<bool> {
+        client
+            .query_one(
+                "SELECT pg_try_advisory_lock_shared(hashtext($1), hashtext($2))",
+                &[&self.namespace, &key.text()],
+            )
+            .await
+            .context("taking an advisory lock")?
+            .col(0)
+    }
+
+    /// How many sessions of this database hold `key` (shared or not).
+    pub async fn holders(&self, client: &impl GenericClient, key: LockKey<'_>) -> Result<usize> {
+        let n: i64 = client
+            .query_one(
+                "SELECT count(DISTINCT l.pid) FROM pg_locks l \
+                 WHERE l.locktype = 'advisory' AND l.granted AND l.objsubid = 2 \
+                   AND l.database = (SELECT oid FROM pg_database WHERE datname = current_database()) \
+                   AND l.classid::bigint = (hashtext($1)::bigint & 4294967295) \
+                   AND l.objid::bigint = (hashtext($2)::bigint & 4294967295)",
+                &[&self.namespace, &key.text()],
+            )
+            .await
+            .context("counting the holders of a lock")?
+            .col(0)?;
+        Ok(n as usize)
     }
 
     /// Tries a transaction-level lock (released at commit or rollback).

@@ -221,7 +221,10 @@ impl Ledger {
     ) -> Result<()> {
         let (table, key) = match record {
             Record::Live => (self.table("projectors"), "r.name = $1".to_string()),
-            Record::Build(id) => (self.table("versions"), format!("r.id = {id}")),
+            Record::Build(id) => (
+                self.table("versions"),
+                format!("r.projector = $1 AND r.id = {id}"),
+            ),
         };
         client
             .execute(
