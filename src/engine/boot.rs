@@ -1027,8 +1027,19 @@ impl Booting<'_> {
                 }
             }
         });
+        // The projector's own session holds its lock meanwhile: keep it
+        // answering, or the server would drop it (and the lock) as idle.
+        let work = futures_util::future::join_all(workers);
+        tokio::pin!(work);
+        let database = &self.ctx.database;
+        let done = loop {
+            tokio::select! {
+                done = &mut work => break done,
+                _ = tokio::time::sleep(database.liveness().heartbeat()) => database.heartbeat(client).await?,
+            }
+        };
         let mut combined: Option<Ended> = None;
-        for worker in futures_util::future::join_all(workers).await {
+        for worker in done {
             for (end, own) in worker? {
                 progress.events += own.events;
                 if progress.held_back.is_none() {

@@ -95,10 +95,10 @@ pub async fn play(
         wake: wake_rx,
         shutdown: shutdown.clone(),
         workers: HashMap::new(),
+        sharing: Default::default(),
         warned: HashMap::new(),
         late_checked: None,
     };
-    supervisor.present(&control).await;
     let mut control = Some(control);
     metrics.set_up(true);
     while !shutdown.is_cancelled() {
@@ -179,6 +179,9 @@ struct Supervisor<'a> {
     wake: watch::Receiver<u64>,
     shutdown: CancellationToken,
     workers: HashMap<String, Running>,
+    /// The partitioned projectors whose sharing lock this runner holds on
+    /// its control connection.
+    sharing: std::collections::HashSet<String>,
     /// The last warning given per projector (said once).
     warned: HashMap<String, String>,
     late_checked: Option<Instant>,
@@ -192,23 +195,9 @@ impl Supervisor<'_> {
         if let Some(c) = client.filter(|c| !c.is_closed()) {
             return Some(c);
         }
-        let c = self.connect_control().await?;
-        self.present(&c).await;
-        Some(c)
-    }
-
-    /// Counts this runner among the runners on its control connection, so
-    /// that partitioned projectors' parts are shared (a failure only means
-    /// it takes more than its share until the next connection).
-    async fn present(&self, control: &Client) {
-        let taken = self
-            .ctx
-            .database
-            .within(self.ctx.locks.try_lock_shared(control, LockKey::Runners))
-            .await;
-        if let Err(e) = taken.and_then(|r| r) {
-            tracing::warn!("{}", crate::error::one_line(&e));
-        }
+        // A new session holds none of the old one's locks.
+        self.sharing.clear();
+        self.connect_control().await
     }
 
     /// A new control connection, waiting with backoff (`None`: shut down).
@@ -291,7 +280,6 @@ impl Supervisor<'_> {
     async fn pass(&mut self, client: &Client) -> Result<()> {
         let ctx = self.ctx;
         self.workers.retain(|_, w| !w.handle.is_finished());
-        let runners = ctx.locks.holders(client, LockKey::Runners).await?.max(1);
         let rows = ctx.ledger.rows(client).await?;
         ctx.ledger
             .note_missing(client, &ctx.manifest.names())
@@ -334,6 +322,10 @@ impl Supervisor<'_> {
             } else {
                 None
             };
+            let playable = mismatch.is_none() && row.state == State::Live;
+            if p.partitions > 1 {
+                self.share(client, p, playable).await?;
+            }
             if let Some(m) = mismatch {
                 if self.warned.get(&p.name) != Some(&m) {
                     tracing::warn!("projector `{}`: {m}", p.name);
@@ -341,13 +333,14 @@ impl Supervisor<'_> {
                 }
                 continue;
             }
-            if row.state != State::Live {
+            if !playable {
                 continue;
             }
             if p.partitions <= 1 {
                 self.take(client, p, None, row.position).await?;
                 continue;
             }
+            let runners = ctx.locks.holders(client, sharing_key(p)).await?.max(1);
             // Each runner plays its share of the parts: it takes free ones up
             // to its share, and gives one up per pass while it holds more
             // (another runner came).
@@ -378,6 +371,23 @@ impl Supervisor<'_> {
                     held += 1;
                 }
             }
+        }
+        Ok(())
+    }
+
+    /// Counts this runner among those that share the parts of `p` while it
+    /// can play it (its manifest has the ledger's version and partitions),
+    /// and no longer once it cannot: a runner left over from an older deploy
+    /// must not hold a share it will never play.
+    async fn share(&mut self, client: &Client, p: &Projector, playable: bool) -> Result<()> {
+        let held = self.sharing.contains(&p.name);
+        let key = sharing_key(p);
+        if playable && !held {
+            self.ctx.locks.try_lock_shared(client, key).await?;
+            self.sharing.insert(p.name.clone());
+        } else if !playable && held {
+            self.ctx.locks.unlock_shared(client, key).await?;
+            self.sharing.remove(&p.name);
         }
         Ok(())
     }
@@ -446,6 +456,11 @@ impl Supervisor<'_> {
             w.handle.abort();
         }
     }
+}
+
+/// The lock the runners that can play a partitioned projector share.
+fn sharing_key(p: &Projector) -> LockKey<'_> {
+    LockKey::Sharing(&p.name, p.version, p.partitions)
 }
 
 /// The key of a runner: the projector, or `name#k` for its part k.

@@ -25,9 +25,10 @@ pub enum LockKey<'a> {
     Owner(&'a str),
     /// The runner that plays one part of a partitioned projector.
     PartOwner(&'a str, i32),
-    /// Every running `play` holds it shared on its control connection: how
-    /// many there are (partitioned projectors' parts are shared among them).
-    Runners,
+    /// Held shared by every `play` runner that can play a partitioned
+    /// projector at this version and number of partitions: how many share
+    /// its parts.
+    Sharing(&'a str, i32, i32),
     /// A projector's version being built beside the live one (held while it
     /// builds; play goes on playing the live version meanwhile).
     Build(&'a str),
@@ -41,7 +42,7 @@ impl LockKey<'_> {
             LockKey::Projector(name) => format!("projector:{name}"),
             LockKey::Owner(name) => format!("owner:{name}"),
             LockKey::PartOwner(name, part) => format!("owner:{name}#{part}"),
-            LockKey::Runners => "runners".into(),
+            LockKey::Sharing(name, version, parts) => format!("sharing:{name}:{version}:{parts}"),
             LockKey::Build(name) => format!("build:{name}"),
         }
     }
@@ -56,7 +57,7 @@ impl LockKey<'_> {
             LockKey::PartOwner(name, part) => {
                 format!("the runner of partition {part} of projector `{name}`")
             }
-            LockKey::Runners => "the runners of play".into(),
+            LockKey::Sharing(name, ..) => format!("the runners sharing projector `{name}`"),
             LockKey::Build(name) => format!("the build of projector `{name}`"),
         }
     }
@@ -123,6 +124,18 @@ impl Locks {
             .await
             .context("taking an advisory lock")?
             .col(0)
+    }
+
+    /// Releases a shared session-level lock.
+    pub async fn unlock_shared(&self, client: &impl GenericClient, key: LockKey<'_>) -> Result<()> {
+        client
+            .execute(
+                "SELECT pg_advisory_unlock_shared(hashtext($1), hashtext($2))",
+                &[&self.namespace, &key.text()],
+            )
+            .await
+            .context("releasing an advisory lock")?;
+        Ok(())
     }
 
     /// How many sessions of this database hold `key` (shared or not).

@@ -584,9 +584,10 @@ async fn two_runners_play_separate_parts_and_one_takes_the_others_over_when_it_i
     add_stream_things(&c, 1_000, 50).await;
     db.run(&["boot"]).expect(0);
 
-    // A runner takes every free part: to give each runner some, parts 2 and 3
-    // are held here while the first runner starts. Its poll is long, so only
-    // the second runner (200 ms) takes them once they are let go.
+    // Which runner plays which parts, decided here: parts 2 and 3 are held
+    // by this test while the first runner starts (alone, it would take them
+    // all). Its poll is long, so only the second runner (200 ms) takes them
+    // once they are let go.
     let holder = db.client().await;
     for k in [2, 3] {
         holder
@@ -696,15 +697,17 @@ async fn two_runners_play_separate_parts_and_one_takes_the_others_over_when_it_i
 }
 
 /// Two runners of a partitioned projector share its parts: a second runner
-/// started beside one that plays every part gets some of them (scaling out).
+/// started beside one that plays every part gets its share (scaling out),
+/// the parts change hands while events keep coming, and every event is
+/// still applied exactly once.
 #[tokio::test(flavor = "multi_thread", worker_threads = 2)]
-async fn a_second_runner_gets_a_share_of_the_parts() {
+async fn a_second_runner_takes_its_share_of_the_parts_while_events_keep_coming() {
     let db = TestDb::new().await;
     let name = "share_parts";
     let c = thing_store(&db, true, COUNTER_TABLES, &counter_projector(name, 4)).await;
     add_stream_things(&c, 1_000, 50).await;
     db.run(&["boot"]).expect(0);
-    let mut first = Player::start(&db, "first", &["--poll", "200ms"]);
+    let mut first = Player::start(&db, "first", &["--poll", "200ms", "--batch-size", "50"]);
     wait_for(
         "the first runner to play every part",
         PATIENCE,
@@ -712,34 +715,125 @@ async fn a_second_runner_gets_a_share_of_the_parts() {
         async || parts_owned_by(&c, name, 4, &first).await == [0, 1, 2, 3],
     )
     .await;
-    // Scaling out: a second runner starts beside it.
-    let mut second = Player::start(&db, "second", &["--poll", "200ms"]);
+
+    // A writer appends events all along, in small transactions.
+    let stop_writer = tokio_util::sync::CancellationToken::new();
+    let writer = {
+        let (stop, w) = (stop_writer.clone(), db.client().await);
+        tokio::spawn(async move {
+            while !stop.is_cancelled() {
+                add_stream_things(&w, 20, 50).await;
+                tokio::time::sleep(Duration::from_millis(20)).await;
+            }
+        })
+    };
+    // Scaling out: a second runner starts beside it; each ends with half.
+    let mut second = Player::start(&db, "second", &["--poll", "200ms", "--batch-size", "50"]);
+    let split = async || {
+        part_owners(&c, name, 4).await.len() == 4
+            && parts_owned_by(&c, name, 4, &first).await.len() == 2
+            && parts_owned_by(&c, name, 4, &second).await.len() == 2
+    };
     let took = wait_for(
-        "both runners to own parts",
-        15.0,
+        "each runner to play two of the four parts",
+        PATIENCE,
         &[&first, &second],
-        async || {
-            part_owners(&c, name, 4).await.len() == 4
-                && !parts_owned_by(&c, name, 4, &first).await.is_empty()
-                && !parts_owned_by(&c, name, 4, &second).await.is_empty()
-        },
+        split,
     )
     .await;
+    eprintln!("parts split {took:?} after the second runner started");
     assert!(
         took < Duration::from_secs(10),
         "the parts were split after {took:?}"
     );
-    let h = add_stream_things(&c, 500, 50).await;
+    assert!(
+        first.log().contains("to another runner"),
+        "the first runner says it leaves parts\n{}",
+        first.log()
+    );
+    // And they stay so: no part goes back and forth.
+    let (one, two) = (
+        parts_owned_by(&c, name, 4, &first).await,
+        parts_owned_by(&c, name, 4, &second).await,
+    );
+    for _ in 0..10 {
+        tokio::time::sleep(Duration::from_millis(100)).await;
+        assert_eq!(parts_owned_by(&c, name, 4, &first).await, one);
+        assert_eq!(parts_owned_by(&c, name, 4, &second).await, two);
+    }
+    stop_writer.cancel();
+    writer.await.unwrap();
+    let h = head(&c).await;
     wait_for(
         "every part to reach the head",
         PATIENCE,
         &[&first, &second],
-        async || parts_at(&c, name, 4, h).await,
+        async || parts_at(&c, name, 4, h).await && position(&c, name).await == h,
     )
     .await;
     assert_every_event_counted_once(&c).await;
+    assert_eq!(
+        count(&c, "SELECT count(*) FROM projectionist.failures").await,
+        0,
+        "{}\n{}",
+        first.log(),
+        second.log()
+    );
     first.stop();
     second.stop();
+}
+
+/// A runner that cannot play a projector (here: an old deploy's, whose
+/// manifest has the version before the one now live; the version guard
+/// makes it leave the projector alone) must not count in the share of its
+/// parts: the runner that can play them plays them all.
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn a_runner_that_cannot_play_a_partitioned_projector_leaves_it_all_to_one_that_can() {
+    let db = TestDb::new().await;
+    let name = "deployed_parts";
+    let c = thing_store(&db, true, COUNTER_TABLES, &counter_projector(name, 4)).await;
+    add_stream_things(&c, 1_000, 50).await;
+    db.run(&["boot"]).expect(0);
+    let mut old = Player::start(&db, "old", &["--poll", "200ms"]);
+    wait_for(
+        "the old runner to play every part",
+        PATIENCE,
+        &[&old],
+        async || parts_owned_by(&c, name, 4, &old).await == [0, 1, 2, 3],
+    )
+    .await;
+
+    // The deploy: version 2 is rebuilt and swapped in; the old runner (version
+    // 1) leaves it alone, and a new runner with the new manifest starts
+    // before the old one is stopped (a rolling update).
+    let manifest = std::fs::read_to_string(db.manifest_path()).unwrap();
+    db.write_manifest(&manifest.replacen(
+        &format!("[projectors.{name}]\n"),
+        &format!("[projectors.{name}]\nversion = 2\n"),
+        1,
+    ));
+    db.run(&["boot"]).expect(0);
+    wait_for(
+        "the old runner to leave the new version alone",
+        PATIENCE,
+        &[&old],
+        async || part_owners(&c, name, 4).await.is_empty(),
+    )
+    .await;
+    let mut new = Player::start(&db, "new", &["--poll", "200ms"]);
+    let h = add_stream_things(&c, 500, 50).await;
+    wait_for(
+        "the new runner to play every part to the head",
+        15.0,
+        &[&old, &new],
+        async || parts_at(&c, name, 4, h).await,
+    )
+    .await;
+    assert_eq!(parts_owned_by(&c, name, 4, &new).await, [0, 1, 2, 3]);
+    assert_every_event_counted_once(&c).await;
+    old.assert_running();
+    old.stop();
+    new.stop();
 }
 
 // ---------------------------------------------------------------------------
@@ -909,6 +1003,62 @@ async fn a_reset_of_a_partitioned_projector_replays_its_parts_into_the_build_tab
         count(&c, "SELECT count(*) FROM projectionist.failures").await,
         0
     );
+}
+
+/// A reset (rebuilt beside, swapped in) of a partitioned projector while
+/// play runs it and events keep coming: play goes on with the new tables and
+/// the new parts, and every event is applied exactly once in them.
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn a_reset_of_a_partitioned_projector_while_play_runs_it_loses_and_doubles_nothing() {
+    let db = TestDb::new().await;
+    let name = "reset_parts";
+    let c = thing_store(&db, true, COUNTER_TABLES, &counter_projector(name, 3)).await;
+    add_stream_things(&c, 5_000, 60).await;
+    db.run(&["boot"]).expect(0);
+    let mut play = Player::start(&db, "reset", &["--poll", "200ms", "--batch-size", "100"]);
+    wait_for("play to take every part", PATIENCE, &[&play], async || {
+        part_owners(&c, name, 3).await.len() == 3
+    })
+    .await;
+    let stop_writer = tokio_util::sync::CancellationToken::new();
+    let writer = {
+        let (stop, w) = (stop_writer.clone(), db.client().await);
+        tokio::spawn(async move {
+            while !stop.is_cancelled() {
+                add_stream_things(&w, 15, 60).await;
+                tokio::time::sleep(Duration::from_millis(10)).await;
+            }
+        })
+    };
+    tokio::time::sleep(Duration::from_millis(300)).await;
+    let run = db.run(&["reset", name, "--yes"]);
+    run.expect(0);
+    assert!(
+        run.stderr.contains("swapped in"),
+        "rebuilt beside: {}",
+        run.stderr
+    );
+    tokio::time::sleep(Duration::from_millis(500)).await;
+    stop_writer.cancel();
+    writer.await.unwrap();
+    let h = head(&c).await;
+    wait_for(
+        "every part to reach the head after the reset",
+        PATIENCE,
+        &[&play],
+        async || parts_at(&c, name, 3, h).await && position(&c, name).await == h,
+    )
+    .await;
+    play.assert_running();
+    assert_parts_at_head(&c, name, 3, h).await;
+    assert_every_event_counted_once(&c).await;
+    assert_eq!(
+        count(&c, "SELECT count(*) FROM projectionist.failures").await,
+        0,
+        "{}",
+        play.log()
+    );
+    play.stop();
 }
 
 // ---------------------------------------------------------------------------
