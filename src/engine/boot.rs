@@ -217,9 +217,9 @@ pub async fn boot(ctx: &Context, opts: BootOptions, progress: &Progress) -> Resu
     }
     let names: Vec<String> = plan.iter().map(|s| s.projector.name.clone()).collect();
     let run = opts.run;
-    let mut report = run_plan(ctx, shape.clone(), plan, opts, progress, &control).await?;
+    let mut report = run_plan(ctx, shape.clone(), plan, opts.clone(), progress, &control).await?;
     if report.broken.is_none() {
-        report.swaps = swap_built(ctx, &mut control, &mut report).await?;
+        report.swaps = swap_built(ctx, &mut control, (&shape, &opts), &mut report).await?;
     }
     ctx.locks.unlock(&control, LockKey::Boot).await.ok();
 
@@ -247,10 +247,13 @@ pub async fn boot(ctx: &Context, opts: BootOptions, progress: &Progress) -> Resu
 }
 
 /// Swaps in the versions this boot built beside the live ones: projectors
-/// linked by `after` together, in one transaction.
+/// linked by `after` together, in one transaction. Each group's builds are
+/// caught up to the head first, and again under the projectors' locks, so
+/// the new version has every event the live one has.
 async fn swap_built(
     ctx: &Context,
     control: &mut Client,
+    (shape, opts): (&StoreShape, &BootOptions),
     report: &mut BootReport,
 ) -> Result<Vec<crate::engine::rebuild::Swapped>> {
     let built: Vec<&Projector> = report
@@ -261,26 +264,157 @@ async fn swap_built(
         .collect();
     let mut swaps = Vec::new();
     for group in linked_groups(&built) {
-        let mut members = Vec::new();
-        for p in &group {
-            let incoming = ctx.ledger.build(&*control, &p.name).await?.ok_or_else(|| {
-                anyhow::anyhow!("the build of projector `{}` went missing", p.name)
-            })?;
-            members.push(crate::engine::rebuild::Member {
-                projector: p,
-                incoming,
-                state: crate::engine::rebuild::done_state(p.mode),
-            });
+        let group = in_dependency_order(group);
+        if !catch_up_group(ctx, control, (shape, opts), &group, report, false).await? {
+            continue;
         }
-        let swapped = crate::engine::rebuild::swap(ctx, control, &members).await?;
-        for o in report.projectors.iter_mut() {
-            if let Some(m) = members.iter().find(|m| m.projector.name == o.name) {
-                o.state = m.state;
+        let mut names: Vec<&str> = group.iter().map(|p| p.name.as_str()).collect();
+        names.sort();
+        for name in &names {
+            ctx.locks
+                .lock(
+                    &ctx.database,
+                    control,
+                    LockKey::Projector(name),
+                    opts.lock_timeout,
+                )
+                .await?;
+        }
+        let swapped = async {
+            if !catch_up_group(ctx, control, (shape, opts), &group, report, true).await? {
+                return Ok(None);
             }
+            let mut members = Vec::new();
+            for p in &group {
+                let incoming = ctx.ledger.build(&*control, &p.name).await?.ok_or_else(|| {
+                    anyhow::anyhow!("the build of projector `{}` went missing", p.name)
+                })?;
+                members.push(crate::engine::rebuild::Member {
+                    projector: p,
+                    incoming,
+                    state: crate::engine::rebuild::done_state(p.mode),
+                });
+            }
+            let swapped = crate::engine::rebuild::swap(ctx, control, &members).await?;
+            for o in report.projectors.iter_mut() {
+                if let Some(m) = members.iter().find(|m| m.projector.name == o.name) {
+                    o.state = m.state;
+                }
+            }
+            Ok::<_, anyhow::Error>(Some(swapped))
         }
-        swaps.push(swapped);
+        .await;
+        for name in &names {
+            ctx.locks
+                .unlock(&*control, LockKey::Projector(name))
+                .await
+                .ok();
+        }
+        if let Some(swapped) = swapped? {
+            swaps.push(swapped);
+        }
     }
     Ok(swaps)
+}
+
+/// Plays a group's builds to the head (each never past the builds it comes
+/// `after`); false when one broke on the way (recorded in the report: the
+/// group is not swapped, the live versions stay).
+async fn catch_up_group(
+    ctx: &Context,
+    control: &Client,
+    (shape, opts): (&StoreShape, &BootOptions),
+    group: &[&Projector],
+    report: &mut BootReport,
+    locked: bool,
+) -> Result<bool> {
+    use crate::engine::catch_up::{CaughtUp, catch_up};
+    let mut at: HashMap<&str, Position> = HashMap::new();
+    for p in group {
+        let build =
+            ctx.ledger.build(control, &p.name).await?.ok_or_else(|| {
+                anyhow::anyhow!("the build of projector `{}` went missing", p.name)
+            })?;
+        let mut bound: Option<Position> = None;
+        for dep in &p.after {
+            let dep_pos = match at.get(dep.as_str()) {
+                Some(pos) => *pos,
+                None => ctx
+                    .ledger
+                    .row(control, dep)
+                    .await?
+                    .map(|r| r.position)
+                    .unwrap_or_default(),
+            };
+            bound = Some(bound.map_or(dep_pos, |b| b.min(dep_pos)));
+        }
+        let caught = catch_up(ctx, shape, p, build.id, bound, opts.batch_size);
+        match heartbeating(ctx, control, caught).await?? {
+            CaughtUp::At(pos) => {
+                at.insert(p.name.as_str(), pos);
+            }
+            CaughtUp::Broken(failure) => {
+                tracing::error!(
+                    "the build of projector `{}` broke at event {} while boot caught it up{}: the live version stays",
+                    p.name,
+                    failure.short(),
+                    if locked { " for the swap" } else { "" }
+                );
+                for o in report.projectors.iter_mut() {
+                    if group.iter().any(|g| g.name == o.name) {
+                        o.state = if o.name == p.name {
+                            State::Broken
+                        } else {
+                            State::Stalled
+                        };
+                    }
+                }
+                report.broken.get_or_insert(Broken {
+                    projector: p.name.clone(),
+                    failure: *failure,
+                });
+                return Ok(false);
+            }
+        }
+    }
+    Ok(true)
+}
+
+/// Runs `work` while keeping `client`'s session answering: it holds locks,
+/// and the server drops a session idle for the session timeout.
+async fn heartbeating<T>(
+    ctx: &Context,
+    client: &Client,
+    work: impl std::future::Future<Output = T>,
+) -> Result<T> {
+    tokio::pin!(work);
+    let database = &ctx.database;
+    loop {
+        tokio::select! {
+            done = &mut work => return Ok(done),
+            _ = tokio::time::sleep(database.liveness().heartbeat()) => database.heartbeat(client).await?,
+        }
+    }
+}
+
+/// A group's projectors, each after those it comes `after`.
+fn in_dependency_order<'a>(group: Vec<&'a Projector>) -> Vec<&'a Projector> {
+    let mut ordered: Vec<&'a Projector> = Vec::new();
+    let mut pending = group;
+    while !pending.is_empty() {
+        let (ready, rest): (Vec<_>, Vec<_>) = pending.iter().partition(|p| {
+            p.after.iter().all(|d| {
+                ordered.iter().any(|o| &o.name == d) || !pending.iter().any(|q| &q.name == d)
+            })
+        });
+        if ready.is_empty() {
+            ordered.extend(rest);
+            break;
+        }
+        ordered.extend(ready);
+        pending = rest;
+    }
+    ordered
 }
 
 /// The projectors in groups linked by `after` (each group swaps together).
@@ -1027,17 +1161,8 @@ impl Booting<'_> {
                 }
             }
         });
-        // The projector's own session holds its lock meanwhile: keep it
-        // answering, or the server would drop it (and the lock) as idle.
-        let work = futures_util::future::join_all(workers);
-        tokio::pin!(work);
-        let database = &self.ctx.database;
-        let done = loop {
-            tokio::select! {
-                done = &mut work => break done,
-                _ = tokio::time::sleep(database.liveness().heartbeat()) => database.heartbeat(client).await?,
-            }
-        };
+        // The projector's own session holds its lock meanwhile.
+        let done = heartbeating(self.ctx, client, futures_util::future::join_all(workers)).await?;
         let mut combined: Option<Ended> = None;
         for worker in done {
             for (end, own) in worker? {

@@ -21,6 +21,7 @@
 pub mod alert;
 pub mod batch;
 pub mod boot;
+pub mod catch_up;
 pub mod init;
 pub mod late;
 pub mod migrate;
