@@ -102,7 +102,7 @@ async fn repair(client: &mut tokio_postgres::Client, ledger: &Ledger) -> Result<
     let tx = client.transaction().await?;
     tx.batch_execute(&format!("CREATE SCHEMA IF NOT EXISTS {aside_q}"))
         .await?;
-    for t in ["late_events", "holes", "failures", "versions", "projectors"] {
+    for t in crate::ledger::TABLES {
         let table = ledger.table(t);
         tx.batch_execute(&format!(
             "DROP TABLE IF EXISTS {aside_q}.{t} CASCADE; ALTER TABLE IF EXISTS {table} SET SCHEMA {aside_q}"

@@ -437,11 +437,20 @@ impl Supervisor<'_> {
             shutdown: leave.clone(),
         };
         let handle = tokio::spawn(async move {
-            if let Err(e) = worker.run(worker_client).await {
-                tracing::warn!(
+            match worker.run(worker_client).await {
+                Ok(()) => {}
+                // A restart or a lost network ends every runner's session at
+                // once; the main loop reconnects and takes them again.
+                Err(e) if crate::error::trouble(&e) == crate::error::Trouble::Connection => {
+                    tracing::warn!(
+                        "projector `{key}`: lost the database ({}); it is taken again once the database answers",
+                        crate::error::one_line(&e)
+                    );
+                }
+                Err(e) => tracing::warn!(
                     "projector `{key}`: this runner stopped playing it: {}; it is taken again at the next poll",
                     crate::error::render(&e)
-                );
+                ),
             }
         });
         self.workers

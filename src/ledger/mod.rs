@@ -68,8 +68,9 @@ const PROJECTOR_COLUMNS: &[(&str, &str)] = &[
     ("partitions", "integer"),
 ];
 
-/// The ledger's tables, for checking that none was dropped.
-const TABLES: [&str; 6] = [
+/// The ledger's tables, for checking that none was dropped (and for setting
+/// the survivors aside when one was).
+pub(crate) const TABLES: [&str; 6] = [
     "projectors",
     "failures",
     "holes",
