@@ -1250,23 +1250,7 @@ mod tests {
     }
 
     fn row(name: &str, state: State, version: i32) -> LedgerRow {
-        LedgerRow {
-            name: name.into(),
-            mode: Mode::FromBeginning,
-            state,
-            position: Position { tx: None, id: 10 },
-            event_time: None,
-            version,
-            side_effects: false,
-            tables: Vec::new(),
-            events_processed: 0,
-            error: None,
-            error_position: None,
-            error_type: None,
-            missing_since: None,
-            updated_at: chrono::Utc::now(),
-            partitions: 1,
-        }
+        LedgerRow::sample(name, state, version, 10)
     }
 
     fn rows(list: Vec<LedgerRow>) -> HashMap<String, LedgerRow> {

@@ -91,6 +91,14 @@ impl std::fmt::Display for LockHolder {
     }
 }
 
+/// The granted advisory locks of this database on the key `($1, $2)`
+/// (namespace, key text) as `pg_locks` shows them: two `hashtext` ints
+/// (`objsubid = 2`), each as an unsigned oid.
+const HELD: &str = "WHERE l.locktype = 'advisory' AND l.granted AND l.objsubid = 2 \
+     AND l.database = (SELECT oid FROM pg_database WHERE datname = current_database()) \
+     AND l.classid::bigint = (hashtext($1)::bigint & 4294967295) \
+     AND l.objid::bigint = (hashtext($2)::bigint & 4294967295)";
+
 impl Locks {
     pub fn new(ledger_schema: &str) -> Locks {
         Locks {
@@ -98,16 +106,40 @@ impl Locks {
         }
     }
 
-    /// Tries a session-level lock once.
-    pub async fn try_lock(&self, client: &impl GenericClient, key: LockKey<'_>) -> Result<bool> {
+    /// Calls the advisory-lock function `function` on `key`: every lock
+    /// function takes the namespace and the key as two `hashtext` ints.
+    async fn call(
+        &self,
+        client: &impl GenericClient,
+        function: &str,
+        key: LockKey<'_>,
+    ) -> Result<tokio_postgres::Row, tokio_postgres::Error> {
         client
             .query_one(
-                "SELECT pg_try_advisory_lock(hashtext($1), hashtext($2))",
+                &format!("SELECT {function}(hashtext($1), hashtext($2))::text"),
                 &[&self.namespace, &key.text()],
             )
             .await
+    }
+
+    /// Calls a `pg_try_advisory_*` function: whether the lock was taken.
+    async fn try_call(
+        &self,
+        client: &impl GenericClient,
+        function: &str,
+        key: LockKey<'_>,
+    ) -> Result<bool> {
+        let taken: String = self
+            .call(client, function, key)
+            .await
             .context("taking an advisory lock")?
-            .col(0)
+            .col(0)?;
+        Ok(taken == "true")
+    }
+
+    /// Tries a session-level lock once.
+    pub async fn try_lock(&self, client: &impl GenericClient, key: LockKey<'_>) -> Result<bool> {
+        self.try_call(client, "pg_try_advisory_lock", key).await
     }
 
     /// Takes a shared session-level lock (never waits: nothing takes it alone).
@@ -116,23 +148,13 @@ impl Locks {
         client: &impl GenericClient,
         key: LockKey<'_>,
     ) -> Result<bool> {
-        client
-            .query_one(
-                "SELECT pg_try_advisory_lock_shared(hashtext($1), hashtext($2))",
-                &[&self.namespace, &key.text()],
-            )
+        self.try_call(client, "pg_try_advisory_lock_shared", key)
             .await
-            .context("taking an advisory lock")?
-            .col(0)
     }
 
     /// Releases a shared session-level lock.
     pub async fn unlock_shared(&self, client: &impl GenericClient, key: LockKey<'_>) -> Result<()> {
-        client
-            .execute(
-                "SELECT pg_advisory_unlock_shared(hashtext($1), hashtext($2))",
-                &[&self.namespace, &key.text()],
-            )
+        self.call(client, "pg_advisory_unlock_shared", key)
             .await
             .context("releasing an advisory lock")?;
         Ok(())
@@ -142,11 +164,7 @@ impl Locks {
     pub async fn holders(&self, client: &impl GenericClient, key: LockKey<'_>) -> Result<usize> {
         let n: i64 = client
             .query_one(
-                "SELECT count(DISTINCT l.pid) FROM pg_locks l \
-                 WHERE l.locktype = 'advisory' AND l.granted AND l.objsubid = 2 \
-                   AND l.database = (SELECT oid FROM pg_database WHERE datname = current_database()) \
-                   AND l.classid::bigint = (hashtext($1)::bigint & 4294967295) \
-                   AND l.objid::bigint = (hashtext($2)::bigint & 4294967295)",
+                &format!("SELECT count(DISTINCT l.pid) FROM pg_locks l {HELD}"),
                 &[&self.namespace, &key.text()],
             )
             .await
@@ -161,14 +179,8 @@ impl Locks {
         client: &impl GenericClient,
         key: LockKey<'_>,
     ) -> Result<bool> {
-        client
-            .query_one(
-                "SELECT pg_try_advisory_xact_lock(hashtext($1), hashtext($2))",
-                &[&self.namespace, &key.text()],
-            )
+        self.try_call(client, "pg_try_advisory_xact_lock", key)
             .await
-            .context("taking an advisory lock")?
-            .col(0)
     }
 
     /// Tries a shared transaction-level lock: held with other shared ones,
@@ -178,36 +190,21 @@ impl Locks {
         client: &impl GenericClient,
         key: LockKey<'_>,
     ) -> Result<bool> {
-        client
-            .query_one(
-                "SELECT pg_try_advisory_xact_lock_shared(hashtext($1), hashtext($2))",
-                &[&self.namespace, &key.text()],
-            )
+        self.try_call(client, "pg_try_advisory_xact_lock_shared", key)
             .await
-            .context("taking an advisory lock")?
-            .col(0)
     }
 
     /// Takes a transaction-level lock, waiting for it (bounded by the
     /// transaction's `lock_timeout`).
     pub async fn xact_lock(&self, client: &impl GenericClient, key: LockKey<'_>) -> Result<()> {
-        client
-            .execute(
-                "SELECT pg_advisory_xact_lock(hashtext($1), hashtext($2))",
-                &[&self.namespace, &key.text()],
-            )
+        self.call(client, "pg_advisory_xact_lock", key)
             .await
             .with_context(|| format!("waiting for {}", key.what()))?;
         Ok(())
     }
 
     pub async fn unlock(&self, client: &impl GenericClient, key: LockKey<'_>) -> Result<()> {
-        client
-            .execute(
-                "SELECT pg_advisory_unlock(hashtext($1), hashtext($2))",
-                &[&self.namespace, &key.text()],
-            )
-            .await?;
+        self.call(client, "pg_advisory_unlock", key).await?;
         Ok(())
     }
 
@@ -280,12 +277,7 @@ impl Locks {
         client
             .execute("SELECT set_config('lock_timeout', $1, false)", &[&ms])
             .await?;
-        let taken = client
-            .execute(
-                "SELECT pg_advisory_lock(hashtext($1), hashtext($2))",
-                &[&self.namespace, &key.text()],
-            )
-            .await;
+        let taken = self.call(client, "pg_advisory_lock", key).await;
         client
             .execute("SELECT set_config('lock_timeout', $1, false)", &[&before])
             .await?;
@@ -306,13 +298,10 @@ impl Locks {
     ) -> Result<Option<LockHolder>> {
         let row = client
             .query_opt(
-                "SELECT a.pid, coalesce(nullif(a.application_name, ''), 'unknown'), a.client_addr::text, a.backend_start \
-                 FROM pg_locks l JOIN pg_stat_activity a ON a.pid = l.pid \
-                 WHERE l.locktype = 'advisory' AND l.granted AND l.objsubid = 2 \
-                   AND l.database = (SELECT oid FROM pg_database WHERE datname = current_database()) \
-                   AND l.classid::bigint = (hashtext($1)::bigint & 4294967295) \
-                   AND l.objid::bigint = (hashtext($2)::bigint & 4294967295) \
-                 LIMIT 1",
+                &format!(
+                    "SELECT a.pid, coalesce(nullif(a.application_name, ''), 'unknown'), a.client_addr::text, a.backend_start \
+                     FROM pg_locks l JOIN pg_stat_activity a ON a.pid = l.pid {HELD} LIMIT 1"
+                ),
                 &[&self.namespace, &key.text()],
             )
             .await

@@ -152,6 +152,33 @@ pub struct LedgerRow {
     pub partitions: i32,
 }
 
+#[cfg(test)]
+impl LedgerRow {
+    /// A from-beginning row at position `position` for unit tests.
+    pub fn sample(name: &str, state: State, version: i32, position: i64) -> LedgerRow {
+        LedgerRow {
+            name: name.into(),
+            mode: Mode::FromBeginning,
+            state,
+            position: Position {
+                tx: None,
+                id: position,
+            },
+            event_time: None,
+            version,
+            side_effects: false,
+            tables: Vec::new(),
+            events_processed: 0,
+            error: None,
+            error_position: None,
+            error_type: None,
+            missing_since: None,
+            updated_at: chrono::Utc::now(),
+            partitions: 1,
+        }
+    }
+}
+
 /// What a recorded failure did to its projector.
 #[derive(Clone, Copy, Debug, PartialEq, Eq)]
 pub enum FailureKind {

@@ -71,9 +71,22 @@ impl Ledger {
         record: Record,
         part: Partition,
     ) -> Result<Option<PartRow>> {
+        self.read_part(client, name, record, part, " FOR NO KEY UPDATE")
+            .await
+    }
+
+    /// One part's row of a record, with `suffix` (a row lock, or nothing).
+    async fn read_part(
+        &self,
+        client: &impl GenericClient,
+        name: &str,
+        record: Record,
+        part: Partition,
+        suffix: &str,
+    ) -> Result<Option<PartRow>> {
         let sql = format!(
             "SELECT {PART_COLUMNS} FROM {} WHERE projector = $1 AND {} AND partition = $2 \
-             AND partitions = $3 FOR NO KEY UPDATE",
+             AND partitions = $3{suffix}",
             self.table("partitions"),
             record_condition(record)
         );
@@ -102,26 +115,14 @@ impl Ledger {
         select(client, &sql, &[&name], "reading partitions").await
     }
 
-    /// One part's row, as it is now.
+    /// One live part's row, as it is now.
     pub async fn part(
         &self,
         client: &impl GenericClient,
         name: &str,
         part: Partition,
     ) -> Result<Option<PartRow>> {
-        let sql = format!(
-            "SELECT {PART_COLUMNS} FROM {} WHERE projector = $1 AND version_id IS NULL \
-             AND partition = $2 AND partitions = $3",
-            self.table("partitions")
-        );
-        let rows: Vec<PartRow> = select(
-            client,
-            &sql,
-            &[&name, &part.index, &part.count],
-            "reading a partition's ledger row",
-        )
-        .await?;
-        Ok(rows.into_iter().next())
+        self.read_part(client, name, Record::Live, part, "").await
     }
 
     /// The parts of every live partitioned projector, by projector.

@@ -326,21 +326,8 @@ mod tests {
         assert!(exprs.len() >= 8, "{exprs:?}");
         let m = Metrics::new();
         let row = LedgerRow {
-            name: "p".into(),
-            mode: crate::manifest::Mode::FromBeginning,
-            state: crate::ledger::State::Live,
-            position: crate::store::Position { tx: None, id: 7 },
-            event_time: None,
-            version: 1,
-            side_effects: false,
-            tables: Vec::new(),
             events_processed: 7,
-            error: None,
-            error_position: None,
-            error_type: None,
-            missing_since: None,
-            updated_at: chrono::Utc::now(),
-            partitions: 1,
+            ..LedgerRow::sample("p", crate::ledger::State::Live, 1, 7)
         };
         let rows = [row];
         m.observe(&rows, 10, None);

@@ -23,6 +23,7 @@ use std::collections::BTreeSet;
 use std::time::{Duration, Instant};
 
 use serde_json::{Value, json};
+use tokio_postgres::Client;
 
 use crate::harness::*;
 
@@ -199,10 +200,10 @@ fn recorded(db: &TestDb, file: &str) -> Vec<(i64, String, String)> {
 // ---------------------------------------------------------------------------
 // 1. Dead letters of an SQL projector: failures, status, metrics, retry.
 
-#[tokio::test]
-async fn dead_letters_skipped_in_play_are_listed_counted_and_applied_again_by_retry() {
-    let db = TestDb::new().await;
-    example(&db);
+/// The example with `on_error = "skip"` for band, 1,500 events booted, and a
+/// constraint on band that refuses the poison bands (until it is dropped).
+async fn example_skipping_poison_bands(db: &TestDb) {
+    example(db);
     let manifest = std::fs::read_to_string(db.manifest_path()).unwrap();
     assert!(manifest.contains("[projectors.band]\n"));
     db.write_manifest(&manifest.replace(
@@ -221,27 +222,30 @@ async fn dead_letters_skipped_in_play_are_listed_counted_and_applied_again_by_re
         )
         .await
         .unwrap();
+}
 
-    let port = free_port();
-    let addr = format!("127.0.0.1:{port}");
-    let play = Player::start(&db, "deadletters", &["--poll", "200ms", "--metrics", &addr]);
-    let p1 = band_created(&db, "POISON-1").await;
-    db.gen_events(200);
-    let h = max_id(&db).await;
-    wait_for(
-        "band to play past the poison",
-        PATIENCE,
-        &[&play],
-        async || db.ledger("band").await == Some(("live".into(), h)),
-    )
+/// Waits for `play` to bring band, live, to the last event.
+async fn wait_for_band_at_head(db: &TestDb, play: &Player, what: &str) {
+    let h = max_id(db).await;
+    wait_for(what, PATIENCE, &[play], async || {
+        db.ledger("band").await == Some(("live".into(), h))
+    })
     .await;
-    assert_eq!(
-        db.count("SELECT count(*) FROM band WHERE name LIKE 'POISON%'")
-            .await,
-        0
-    );
+}
 
-    // failures: the table and --json.
+/// Scrapes `/metrics` until band has `n` dead letters; returns the body.
+async fn wait_for_band_dead_letters(port: u16, n: f64, play: &Player) -> String {
+    wait_for_sample(
+        port,
+        "projectionist_dead_letters{projector=\"band\"}",
+        n,
+        &[play],
+    )
+    .await
+}
+
+/// `failures` lists band's one dead letter at `p1`, as a table and as JSON.
+async fn assert_the_dead_letter_is_listed(db: &TestDb, p1: i64) {
     let table = db.run(&["failures"]);
     table.expect(0);
     let line = row(&table.stdout, &["band", &p1.to_string(), "BandCreated"])
@@ -261,7 +265,7 @@ async fn dead_letters_skipped_in_play_are_listed_counted_and_applied_again_by_re
         .await
         .unwrap()
         .get(0);
-    let f = failures_json(&db, "band");
+    let f = failures_json(db, "band");
     assert_eq!(f.len(), 1, "{f:#?}");
     assert_eq!(f[0]["projector"], "band");
     assert_eq!(f[0]["position"], json!(p1));
@@ -275,8 +279,11 @@ async fn dead_letters_skipped_in_play_are_listed_counted_and_applied_again_by_re
         f[0]["error"].as_str().unwrap().contains("band_no_poison"),
         "{f:#?}"
     );
-    assert!(failures_json(&db, "dancehall").is_empty());
+    assert!(failures_json(db, "dancehall").is_empty());
+}
 
+/// `status` and play's metrics count band's one dead letter.
+async fn assert_status_and_metrics_count_one_dead_letter(db: &TestDb, port: u16, play: &Player) {
     // status: says so, and exits 0 (a dead letter is not a broken projector).
     let status = db.run(&["status"]);
     status.expect(0);
@@ -287,24 +294,20 @@ async fn dead_letters_skipped_in_play_are_listed_counted_and_applied_again_by_re
         "{}",
         status.stdout
     );
-    assert_eq!(status_of(&db, "band")["dead_letters"], json!(1));
-    assert_eq!(status_of(&db, "event")["dead_letters"], json!(0));
+    assert_eq!(status_of(db, "band")["dead_letters"], json!(1));
+    assert_eq!(status_of(db, "event")["dead_letters"], json!(0));
 
     // play's metrics.
-    let body = wait_for_sample(
-        port,
-        "projectionist_dead_letters{projector=\"band\"}",
-        1.0,
-        &[&play],
-    )
-    .await;
+    let body = wait_for_band_dead_letters(port, 1.0, play).await;
     assert_eq!(
         sample(&body, "projectionist_dead_letters{projector=\"event\"}"),
         Some(0.0),
         "{body}"
     );
+}
 
-    // retry while the cause is still there: fails again, recorded, still waiting.
+/// `retry` while the cause is still there: fails again, recorded, still waiting.
+async fn assert_retry_fails_again_while_the_cause_is_there(db: &TestDb, p1: i64) {
     let run = db.run(&["retry", "band"]);
     run.expect(1);
     let line = row(&run.stdout, &["band", &p1.to_string(), "BandCreated"])
@@ -314,7 +317,7 @@ async fn dead_letters_skipped_in_play_are_listed_counted_and_applied_again_by_re
         "{}",
         run.stdout
     );
-    let f = failures_json(&db, "band");
+    let f = failures_json(db, "band");
     assert_eq!(f.len(), 2, "{f:#?}");
     let runs: Vec<&Value> = f.iter().map(|x| &x["run"]).collect();
     assert_eq!(runs, [&json!("play"), &json!("retry")], "{f:#?}");
@@ -323,44 +326,17 @@ async fn dead_letters_skipped_in_play_are_listed_counted_and_applied_again_by_re
         assert_eq!(x["dead_letter"], true, "{f:#?}");
         assert_eq!(x["resolved_at"], Value::Null, "{f:#?}");
     }
-    assert_eq!(status_of(&db, "band")["dead_letters"], json!(1));
+    assert_eq!(status_of(db, "band")["dead_letters"], json!(1));
     assert_eq!(
         db.count("SELECT count(*) FROM band WHERE name LIKE 'POISON%'")
             .await,
         0
     );
+}
 
-    // A second poison event: two dead letters.
-    let p2 = band_created(&db, "POISON-2").await;
-    db.gen_events(100);
-    let h = max_id(&db).await;
-    wait_for(
-        "band to play past the second poison",
-        PATIENCE,
-        &[&play],
-        async || db.ledger("band").await == Some(("live".into(), h)),
-    )
-    .await;
-    wait_for_sample(
-        port,
-        "projectionist_dead_letters{projector=\"band\"}",
-        2.0,
-        &[&play],
-    )
-    .await;
-    assert!(
-        db.run(&["status"])
-            .expect(0)
-            .stdout
-            .contains("2 dead letter(s) waiting"),
-    );
-
-    // The cause fixed: retry --position retries that one only.
-    db.client()
-        .await
-        .batch_execute("ALTER TABLE band DROP CONSTRAINT band_no_poison")
-        .await
-        .unwrap();
+/// `retry --position p2` applies the dead letter at `p2` and leaves the one
+/// at `p1` waiting.
+async fn assert_retry_of_one_position_applies_that_one_only(db: &TestDb, p1: i64, p2: i64) {
     let run = db.run(&["retry", "band", "--position", &p2.to_string()]);
     run.expect(0);
     let line = row(
@@ -380,7 +356,7 @@ async fn dead_letters_skipped_in_play_are_listed_counted_and_applied_again_by_re
         0,
         "retry --position {p2} applied #{p1} too"
     );
-    let f = failures_json(&db, "band");
+    let f = failures_json(db, "band");
     assert!(
         at(&f, p2).iter().all(|x| x["resolved_at"].is_string()),
         "{f:#?}"
@@ -389,15 +365,11 @@ async fn dead_letters_skipped_in_play_are_listed_counted_and_applied_again_by_re
         at(&f, p1).iter().all(|x| x["resolved_at"].is_null()),
         "{f:#?}"
     );
-    wait_for_sample(
-        port,
-        "projectionist_dead_letters{projector=\"band\"}",
-        1.0,
-        &[&play],
-    )
-    .await;
+}
 
-    // retry: the one left, with --json.
+/// `retry --json` applies the one dead letter left, at `p1`: every failure
+/// of band is resolved.
+fn assert_retry_applies_the_one_left(db: &TestDb, p1: i64) {
     let run = db.run(&["retry", "band", "--json"]);
     run.expect(0);
     let retried: Value = serde_json::from_str(&run.stdout).unwrap();
@@ -407,7 +379,7 @@ async fn dead_letters_skipped_in_play_are_listed_counted_and_applied_again_by_re
         "{}",
         run.stdout
     );
-    let f = failures_json(&db, "band");
+    let f = failures_json(db, "band");
     assert_eq!(f.len(), 3, "{f:#?}");
     for x in &f {
         assert!(x["resolved_at"].is_string(), "{f:#?}");
@@ -421,17 +393,14 @@ async fn dead_letters_skipped_in_play_are_listed_counted_and_applied_again_by_re
         table.stdout
     );
     assert!(!table.stdout.contains("waiting"), "{}", table.stdout);
-    wait_for_sample(
-        port,
-        "projectionist_dead_letters{projector=\"band\"}",
-        0.0,
-        &[&play],
-    )
-    .await;
+}
+
+/// No dead letter waiting: `status` says none, and `retry` exits 0 saying so.
+fn assert_no_dead_letter_waiting(db: &TestDb) {
     let status = db.run(&["status"]);
     status.expect(0);
     assert!(!status.stdout.contains("dead letter"), "{}", status.stdout);
-    assert_eq!(status_of(&db, "band")["dead_letters"], json!(0));
+    assert_eq!(status_of(db, "band")["dead_letters"], json!(0));
 
     // Nothing waiting: exit 0, and says so.
     let run = db.run(&["retry", "band"]);
@@ -441,6 +410,54 @@ async fn dead_letters_skipped_in_play_are_listed_counted_and_applied_again_by_re
         "{}",
         run.stdout
     );
+}
+
+#[tokio::test]
+async fn dead_letters_skipped_in_play_are_listed_counted_and_applied_again_by_retry() {
+    let db = TestDb::new().await;
+    example_skipping_poison_bands(&db).await;
+
+    let port = free_port();
+    let addr = format!("127.0.0.1:{port}");
+    let play = Player::start(&db, "deadletters", &["--poll", "200ms", "--metrics", &addr]);
+    let p1 = band_created(&db, "POISON-1").await;
+    db.gen_events(200);
+    wait_for_band_at_head(&db, &play, "band to play past the poison").await;
+    assert_eq!(
+        db.count("SELECT count(*) FROM band WHERE name LIKE 'POISON%'")
+            .await,
+        0
+    );
+
+    assert_the_dead_letter_is_listed(&db, p1).await;
+    assert_status_and_metrics_count_one_dead_letter(&db, port, &play).await;
+    assert_retry_fails_again_while_the_cause_is_there(&db, p1).await;
+
+    // A second poison event: two dead letters.
+    let p2 = band_created(&db, "POISON-2").await;
+    db.gen_events(100);
+    wait_for_band_at_head(&db, &play, "band to play past the second poison").await;
+    wait_for_band_dead_letters(port, 2.0, &play).await;
+    assert!(
+        db.run(&["status"])
+            .expect(0)
+            .stdout
+            .contains("2 dead letter(s) waiting"),
+    );
+
+    // The cause fixed: retry --position retries that one only.
+    db.client()
+        .await
+        .batch_execute("ALTER TABLE band DROP CONSTRAINT band_no_poison")
+        .await
+        .unwrap();
+    assert_retry_of_one_position_applies_that_one_only(&db, p1, p2).await;
+    wait_for_band_dead_letters(port, 1.0, &play).await;
+
+    // retry: the one left, with --json.
+    assert_retry_applies_the_one_left(&db, p1);
+    wait_for_band_dead_letters(port, 0.0, &play).await;
+    assert_no_dead_letter_waiting(&db);
 
     // The read model is what the events say, the poison bands included.
     let h = max_id(&db).await;
@@ -554,11 +571,11 @@ async fn a_command_projectors_dead_letter_is_delivered_again_by_retry_with_run_r
 // ---------------------------------------------------------------------------
 // 3. pause and resume: a ledger state every runner, restart and boot respect.
 
-#[tokio::test]
-async fn a_paused_projector_stays_paused_across_runners_restarts_and_boot_until_resumed() {
-    let db = TestDb::new().await;
+/// Three loggers (`op_paused`, the control `op_ctl`, and `op_unbooted`, left
+/// to the boot of the test) over 100 Things; the first two booted.
+async fn paused_and_control_loggers_booted(db: &TestDb) -> Client {
     let c = thing_store(
-        &db,
+        db,
         true,
         "CREATE TABLE op_paused_log (id bigint PRIMARY KEY); CREATE TABLE op_ctl_log (id bigint PRIMARY KEY); \
          CREATE TABLE op_unbooted_log (id bigint PRIMARY KEY)",
@@ -572,6 +589,177 @@ async fn a_paused_projector_stays_paused_across_runners_restarts_and_boot_until_
     .await;
     add_things(&c, 100).await;
     db.run(&["boot", "op_paused", "op_ctl"]).expect(0);
+    c
+}
+
+/// `pause op_paused` at `paused_at`: the ledger, `status` and the metrics of
+/// `r2` (on `port`) say paused, and no runner owns it any more.
+async fn assert_pause_takes_op_paused_out_of_play(
+    db: &TestDb,
+    c: &Client,
+    paused_at: i64,
+    port: u16,
+    (r1, r2): (&Player, &Player),
+) {
+    let run = db.run(&["pause", "op_paused"]);
+    run.expect(0);
+    assert!(
+        run.stdout.contains("paused op_paused: paused (was live)"),
+        "{}",
+        run.stdout
+    );
+    assert_eq!(
+        ledger(c, "op_paused").await,
+        Some(("paused".into(), paused_at))
+    );
+    let status = db.run(&["status"]);
+    status.expect(0);
+    assert!(
+        row(&status.stdout, &["op_paused", "from_beginning", "paused"]).is_some(),
+        "{}",
+        status.stdout
+    );
+    assert_eq!(status_of(db, "op_paused")["state"], "paused");
+    let body = wait_for_sample(
+        port,
+        "projectionist_state{projector=\"op_paused\",state=\"paused\"}",
+        1.0,
+        &[r2],
+    )
+    .await;
+    assert_eq!(
+        sample(
+            &body,
+            "projectionist_state{projector=\"op_paused\",state=\"live\"}"
+        ),
+        Some(0.0),
+        "{body}"
+    );
+    // The runner that played it lets it go.
+    wait_for(
+        "no runner to own op_paused",
+        PATIENCE,
+        &[r1, r2],
+        async || owners(c).await.iter().all(|(p, _)| p != "op_paused"),
+    )
+    .await;
+}
+
+/// New events: the control projector plays them, the paused one (at
+/// `paused_at`) does not. Returns the new head.
+async fn assert_only_the_control_plays_new_events(
+    c: &Client,
+    paused_at: i64,
+    what: &str,
+    players: &[&Player],
+) -> i64 {
+    let h = add_things(c, 10).await;
+    wait_for(what, PATIENCE, players, async || {
+        position(c, "op_ctl").await == h
+    })
+    .await;
+    tokio::time::sleep(Duration::from_secs(2)).await;
+    assert_eq!(
+        ledger(c, "op_paused").await.unwrap(),
+        ("paused".into(), paused_at),
+        "{what}: the paused projector moved\n{}",
+        players
+            .iter()
+            .map(|p| p.log())
+            .collect::<Vec<_>>()
+            .join("\n")
+    );
+    assert_eq!(
+        count(c, "SELECT count(*) FROM op_paused_log").await,
+        paused_at
+    );
+    h
+}
+
+/// `boot` leaves op_paused paused at `paused_at` (and says so), and boots
+/// op_unbooted to the head `h`.
+async fn assert_boot_leaves_op_paused_paused(db: &TestDb, c: &Client, paused_at: i64, h: i64) {
+    let run = db.run(&["boot"]);
+    run.expect(0);
+    assert!(
+        run.stderr.contains("projector `op_paused` is paused"),
+        "{}",
+        run.stderr
+    );
+    assert_eq!(
+        ledger(c, "op_paused").await,
+        Some(("paused".into(), paused_at))
+    );
+    assert_eq!(
+        count(c, "SELECT count(*) FROM op_paused_log").await,
+        paused_at
+    );
+    assert_eq!(ledger(c, "op_unbooted").await, Some(("live".into(), h)));
+}
+
+/// `resume op_paused`: a runner takes it and it catches up; the metrics of
+/// `r2` (on `port`) say live again.
+async fn assert_resume_lets_op_paused_catch_up(
+    db: &TestDb,
+    c: &Client,
+    port: u16,
+    (r2, r3): (&Player, &Player),
+) {
+    let run = db.run(&["resume", "op_paused"]);
+    run.expect(0);
+    assert!(
+        run.stdout.contains("resumed op_paused: live (was paused)"),
+        "{}",
+        run.stdout
+    );
+    let h = add_things(c, 5).await;
+    wait_for(
+        "op_paused to catch up after resume",
+        PATIENCE,
+        &[r2, r3],
+        async || position(c, "op_paused").await == h,
+    )
+    .await;
+    assert_eq!(ledger(c, "op_paused").await, Some(("live".into(), h)));
+    assert_eq!(count(c, "SELECT count(*) FROM op_paused_log").await, h);
+    wait_for_sample(
+        port,
+        "projectionist_state{projector=\"op_paused\",state=\"live\"}",
+        1.0,
+        &[r2],
+    )
+    .await;
+    let owned = owners(c).await;
+    assert!(
+        owned.iter().any(|(p, _)| p == "op_paused"),
+        "nobody owns op_paused after resume: {owned:?}"
+    );
+}
+
+/// What cannot be paused or resumed: exit 2, saying why.
+async fn assert_pause_and_resume_refuse_what_they_cannot_change(db: &TestDb, c: &Client) {
+    db.run(&["pause", "op_paused"]).expect(0);
+    let run = db.run(&["pause", "op_paused"]);
+    run.expect(2);
+    assert!(run.stderr.contains("paused already"), "{}", run.stderr);
+    db.run(&["resume", "op_paused"]).expect(0);
+    // (op_unbooted was booted above: a projector with no ledger row at all.)
+    let extra = logger("op_never", "from_beginning", "op_unbooted_log");
+    let manifest = std::fs::read_to_string(db.manifest_path()).unwrap();
+    db.write_manifest(&format!("{manifest}\n{extra}"));
+    let run = db.run(&["pause", "op_never"]);
+    run.expect(2);
+    assert!(run.stderr.contains("no ledger row"), "{}", run.stderr);
+    let run = db.run(&["resume", "op_ctl"]);
+    run.expect(2);
+    assert!(run.stderr.contains("it is live"), "{}", run.stderr);
+    assert_eq!(ledger(c, "op_ctl").await.unwrap().0, "live");
+}
+
+#[tokio::test]
+async fn a_paused_projector_stays_paused_across_runners_restarts_and_boot_until_resumed() {
+    let db = TestDb::new().await;
+    let c = paused_and_control_loggers_booted(&db).await;
 
     // Runner 1 owns both; runner 2 stands by (and serves metrics).
     let opts = ["--poll", "200ms"];
@@ -597,75 +785,15 @@ async fn a_paused_projector_stays_paused_across_runners_restarts_and_boot_until_
     .await;
     assert_eq!(owned_by(&c, &r1).await, ["op_ctl", "op_paused"]);
 
-    let run = db.run(&["pause", "op_paused"]);
-    run.expect(0);
-    assert!(
-        run.stdout.contains("paused op_paused: paused (was live)"),
-        "{}",
-        run.stdout
-    );
     let paused_at = h;
-    assert_eq!(
-        ledger(&c, "op_paused").await,
-        Some(("paused".into(), paused_at))
-    );
-    let status = db.run(&["status"]);
-    status.expect(0);
-    assert!(
-        row(&status.stdout, &["op_paused", "from_beginning", "paused"]).is_some(),
-        "{}",
-        status.stdout
-    );
-    assert_eq!(status_of(&db, "op_paused")["state"], "paused");
-    let body = wait_for_sample(
-        port,
-        "projectionist_state{projector=\"op_paused\",state=\"paused\"}",
-        1.0,
-        &[&r2],
-    )
-    .await;
-    assert_eq!(
-        sample(
-            &body,
-            "projectionist_state{projector=\"op_paused\",state=\"live\"}"
-        ),
-        Some(0.0),
-        "{body}"
-    );
-    // The runner that played it lets it go.
-    wait_for(
-        "no runner to own op_paused",
-        PATIENCE,
+    assert_pause_takes_op_paused_out_of_play(&db, &c, paused_at, port, (&r1, &r2)).await;
+    assert_only_the_control_plays_new_events(
+        &c,
+        paused_at,
+        "op_ctl to play the new events (two runners)",
         &[&r1, &r2],
-        async || owners(&c).await.iter().all(|(p, _)| p != "op_paused"),
     )
     .await;
-
-    // New events: the control projector plays them, the paused one does not.
-    let quiet = async |what: &str, players: &[&Player]| {
-        let h = add_things(&c, 10).await;
-        wait_for(what, PATIENCE, players, async || {
-            position(&c, "op_ctl").await == h
-        })
-        .await;
-        tokio::time::sleep(Duration::from_secs(2)).await;
-        assert_eq!(
-            ledger(&c, "op_paused").await.unwrap(),
-            ("paused".into(), paused_at),
-            "{what}: the paused projector moved\n{}",
-            players
-                .iter()
-                .map(|p| p.log())
-                .collect::<Vec<_>>()
-                .join("\n")
-        );
-        assert_eq!(
-            count(&c, "SELECT count(*) FROM op_paused_log").await,
-            paused_at
-        );
-        h
-    };
-    quiet("op_ctl to play the new events (two runners)", &[&r1, &r2]).await;
 
     // The runner that owned it dies; a new one starts: still paused.
     r1.sigkill();
@@ -684,78 +812,19 @@ async fn a_paused_projector_stays_paused_across_runners_restarts_and_boot_until_
         async || r3.log().contains("playing live projectors"),
     )
     .await;
-    let h = quiet(
+    let h = assert_only_the_control_plays_new_events(
+        &c,
+        paused_at,
         "op_ctl to play the new events (after a restart)",
         &[&r2, &r3],
     )
     .await;
 
     // boot leaves it paused (and says so), and boots the others.
-    let run = db.run(&["boot"]);
-    run.expect(0);
-    assert!(
-        run.stderr.contains("projector `op_paused` is paused"),
-        "{}",
-        run.stderr
-    );
-    assert_eq!(
-        ledger(&c, "op_paused").await,
-        Some(("paused".into(), paused_at))
-    );
-    assert_eq!(
-        count(&c, "SELECT count(*) FROM op_paused_log").await,
-        paused_at
-    );
-    assert_eq!(ledger(&c, "op_unbooted").await, Some(("live".into(), h)));
-
+    assert_boot_leaves_op_paused_paused(&db, &c, paused_at, h).await;
     // resume: a runner takes it and it catches up.
-    let run = db.run(&["resume", "op_paused"]);
-    run.expect(0);
-    assert!(
-        run.stdout.contains("resumed op_paused: live (was paused)"),
-        "{}",
-        run.stdout
-    );
-    let h = add_things(&c, 5).await;
-    wait_for(
-        "op_paused to catch up after resume",
-        PATIENCE,
-        &[&r2, &r3],
-        async || position(&c, "op_paused").await == h,
-    )
-    .await;
-    assert_eq!(ledger(&c, "op_paused").await, Some(("live".into(), h)));
-    assert_eq!(count(&c, "SELECT count(*) FROM op_paused_log").await, h);
-    wait_for_sample(
-        port,
-        "projectionist_state{projector=\"op_paused\",state=\"live\"}",
-        1.0,
-        &[&r2],
-    )
-    .await;
-    let owned = owners(&c).await;
-    assert!(
-        owned.iter().any(|(p, _)| p == "op_paused"),
-        "nobody owns op_paused after resume: {owned:?}"
-    );
-
-    // What cannot be paused or resumed: exit 2, saying why.
-    db.run(&["pause", "op_paused"]).expect(0);
-    let run = db.run(&["pause", "op_paused"]);
-    run.expect(2);
-    assert!(run.stderr.contains("paused already"), "{}", run.stderr);
-    db.run(&["resume", "op_paused"]).expect(0);
-    // (op_unbooted was booted above: a projector with no ledger row at all.)
-    let extra = logger("op_never", "from_beginning", "op_unbooted_log");
-    let manifest = std::fs::read_to_string(db.manifest_path()).unwrap();
-    db.write_manifest(&format!("{manifest}\n{extra}"));
-    let run = db.run(&["pause", "op_never"]);
-    run.expect(2);
-    assert!(run.stderr.contains("no ledger row"), "{}", run.stderr);
-    let run = db.run(&["resume", "op_ctl"]);
-    run.expect(2);
-    assert!(run.stderr.contains("it is live"), "{}", run.stderr);
-    assert_eq!(ledger(&c, "op_ctl").await.unwrap().0, "live");
+    assert_resume_lets_op_paused_catch_up(&db, &c, port, (&r2, &r3)).await;
+    assert_pause_and_resume_refuse_what_they_cannot_change(&db, &c).await;
     drop((r2, r3));
 }
 
@@ -828,6 +897,75 @@ async fn pause_of_a_busy_projector_takes_effect_after_the_batch_in_flight() {
 /// snapshot rule and recorded).
 const STORE_WITHOUT_TX: &str = "[store]\ntable = \"events\"\nposition = \"id\"\ntype = \"name\"\ndata = \"data\"\nstream = \"aggregate_id\"\ntime = \"tstamp\"\n";
 
+/// The metrics once `op_m` has played up to `h` (after a batch of 5 events
+/// with a hole): position, events processed and holes passed, and every other
+/// series of op_m and of the runner at its settled value.
+async fn assert_metrics_after_a_batch_with_a_hole(port: u16, h: i64, play: &Player) {
+    // The batch's position, the events it handled and the hole it passed.
+    let body = wait_for_metrics(
+        port,
+        "op_m at the head, 5 events processed and a hole passed, in the metrics",
+        &[play],
+        |body| {
+            sample(body, "projectionist_position{projector=\"op_m\"}") == Some(h as f64)
+                && sample(
+                    body,
+                    "projectionist_events_processed_total{projector=\"op_m\"}",
+                ) == Some(5.0)
+                && sample(body, "projectionist_holes_passed{projector=\"op_m\"}")
+                    .is_some_and(|n| n >= 1.0)
+        },
+    )
+    .await;
+    for (series, want) in [
+        ("projectionist_lag_events{projector=\"op_m\"}", 0.0),
+        ("projectionist_lag_seconds{projector=\"op_m\"}", 0.0),
+        (
+            "projectionist_state{projector=\"op_m\",state=\"live\"}",
+            1.0,
+        ),
+        (
+            "projectionist_state{projector=\"op_m\",state=\"paused\"}",
+            0.0,
+        ),
+        ("projectionist_up", 1.0),
+        ("projectionist_owned_projectors", 1.0),
+        ("projectionist_late_events{projector=\"op_m\"}", 0.0),
+        ("projectionist_dead_letters{projector=\"op_m\"}", 0.0),
+        ("projectionist_build_position{projector=\"op_m\"}", 0.0),
+        ("projectionist_build_lag_events{projector=\"op_m\"}", 0.0),
+    ] {
+        assert_eq!(sample(&body, series), Some(want), "{series}\n{body}");
+    }
+}
+
+/// The server of `cluster` stopped: `/healthz` answers 503 within the
+/// session timeout, and the metrics endpoint stays up saying the database is
+/// down.
+async fn assert_healthz_503_while_the_server_is_stopped(
+    cluster: &Cluster,
+    port: u16,
+    play: &Player,
+) {
+    cluster.stop_fast();
+    let took = wait_for("/healthz to answer 503", PATIENCE, &[play], async || {
+        http_get(port, "/healthz")
+            .await
+            .is_some_and(|(code, _)| code == 503)
+    })
+    .await;
+    eprintln!("/healthz answered 503 {took:?} after the server stopped");
+    assert!(
+        took < Duration::from_secs(4),
+        "/healthz took {took:?} to answer 503 (session timeout 4s)\n{}",
+        play.log()
+    );
+    let body = get_metrics(port)
+        .await
+        .expect("the metrics endpoint stays up");
+    assert_eq!(sample(&body, "projectionist_up"), Some(0.0), "{body}");
+}
+
 #[tokio::test]
 async fn metrics_over_http_follow_the_run_and_healthz_follows_the_database() {
     let cluster = Cluster::start();
@@ -863,42 +1001,7 @@ async fn metrics_over_http_follow_the_run_and_healthz_follows_the_database() {
     c.batch_execute("ROLLBACK").await.unwrap();
     let h = add_things(&c, 5).await;
     assert_eq!(h, 26);
-    // The batch's position, the events it handled and the hole it passed.
-    let body = wait_for_metrics(
-        port,
-        "op_m at the head, 5 events processed and a hole passed, in the metrics",
-        &[&play],
-        |body| {
-            sample(body, "projectionist_position{projector=\"op_m\"}") == Some(h as f64)
-                && sample(
-                    body,
-                    "projectionist_events_processed_total{projector=\"op_m\"}",
-                ) == Some(5.0)
-                && sample(body, "projectionist_holes_passed{projector=\"op_m\"}")
-                    .is_some_and(|n| n >= 1.0)
-        },
-    )
-    .await;
-    for (series, want) in [
-        ("projectionist_lag_events{projector=\"op_m\"}", 0.0),
-        ("projectionist_lag_seconds{projector=\"op_m\"}", 0.0),
-        (
-            "projectionist_state{projector=\"op_m\",state=\"live\"}",
-            1.0,
-        ),
-        (
-            "projectionist_state{projector=\"op_m\",state=\"paused\"}",
-            0.0,
-        ),
-        ("projectionist_up", 1.0),
-        ("projectionist_owned_projectors", 1.0),
-        ("projectionist_late_events{projector=\"op_m\"}", 0.0),
-        ("projectionist_dead_letters{projector=\"op_m\"}", 0.0),
-        ("projectionist_build_position{projector=\"op_m\"}", 0.0),
-        ("projectionist_build_lag_events{projector=\"op_m\"}", 0.0),
-    ] {
-        assert_eq!(sample(&body, series), Some(want), "{series}\n{body}");
-    }
+    assert_metrics_after_a_batch_with_a_hole(port, h, &play).await;
 
     // More events: the counter grows by them between two scrapes.
     let h = add_things(&c, 7).await;
@@ -919,23 +1022,7 @@ async fn metrics_over_http_follow_the_run_and_healthz_follows_the_database() {
     assert_eq!(http_get(port, "/healthz").await, Some((200, "ok\n".into())));
 
     // The database goes away: 503 within the session timeout.
-    cluster.stop_fast();
-    let took = wait_for("/healthz to answer 503", PATIENCE, &[&play], async || {
-        http_get(port, "/healthz")
-            .await
-            .is_some_and(|(code, _)| code == 503)
-    })
-    .await;
-    eprintln!("/healthz answered 503 {took:?} after the server stopped");
-    assert!(
-        took < Duration::from_secs(4),
-        "/healthz took {took:?} to answer 503 (session timeout 4s)\n{}",
-        play.log()
-    );
-    let body = get_metrics(port)
-        .await
-        .expect("the metrics endpoint stays up");
-    assert_eq!(sample(&body, "projectionist_up"), Some(0.0), "{body}");
+    assert_healthz_503_while_the_server_is_stopped(&cluster, port, &play).await;
 
     // Back: 200 again, and play goes on.
     cluster.start_again();

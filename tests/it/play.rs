@@ -851,6 +851,18 @@ async fn play_survives_its_connections_being_terminated() {
     .await;
 
     for round in 0..2 {
+        // After a loss, play reconnects its sessions one after the other:
+        // terminate once every one of them is back.
+        wait_for("play's three sessions", PATIENCE, &[&play], async || {
+            count(
+                &c,
+                "SELECT count(*) FROM pg_stat_activity \
+                 WHERE application_name LIKE 'projectionist play%' AND datname = current_database()",
+            )
+            .await
+                >= 3
+        })
+        .await;
         let killed = count(
             &c,
             "SELECT count(*) FROM (SELECT pg_terminate_backend(pid) FROM pg_stat_activity \

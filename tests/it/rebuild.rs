@@ -393,30 +393,10 @@ fn example_poll() -> String {
     )
 }
 
-#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
-async fn a_reader_never_sees_the_rebuild_of_linked_projectors() {
-    let db = TestDb::new().await;
-    example(&db);
-    db.gen_events(100_000);
-    db.run(&["boot"]).expect(0);
-    let c = db.client().await;
-    let mut c2 = db.client().await;
-    let before = poll_once(&mut c2, &example_poll()).await.unwrap();
-    assert_eq!(&before[7..], &[1, 1, 1], "v1 everywhere before: {before:?}");
-    assert!(before[..7].iter().all(|n| *n > 0), "{before:?}");
-
-    bump(&db, "band", 2, &marker(2, &["band"]));
-    bump(
-        &db,
-        "userpreferences",
-        2,
-        &marker(2, &["origin", "ignored_band"]),
-    );
-    let reader = Reader::start(&db, example_poll()).await;
-    let run = run_async(&db, "boot-v2", &["boot", "--json", "--batch-size", "100"]).await;
-    let polls = reader.stop().await;
-    run.expect(0);
-
+/// Every poll of the example's reader saw the counts of `before` and one
+/// version of band and userpreferences together; polls saw each version and
+/// none waited long.
+fn assert_polls_saw_one_whole_version_at_a_time(polls: &[Poll], before: &[i64]) {
     let mut saw = [0usize; 3];
     for (i, p) in polls.iter().enumerate() {
         let v = p
@@ -450,9 +430,12 @@ async fn a_reader_never_sees_the_rebuild_of_linked_projectors() {
         slowest < Duration::from_secs(2),
         "a poll waited {slowest:?}"
     );
+}
 
-    // The swap: both together, in one short transaction.
-    let report = json(&run);
+/// The boot's report: band and userpreferences swapped together, in one
+/// short transaction, and every projector rebuilt and live.
+fn assert_one_short_swap_of_the_linked_pair(run: &Run) {
+    let report = json(run);
     let swaps = report["swaps"].as_array().unwrap();
     assert_eq!(swaps.len(), 1, "one swap for the linked pair: {report}");
     let mut swapped: Vec<&str> = swaps[0]["projectors"]
@@ -473,18 +456,20 @@ async fn a_reader_never_sees_the_rebuild_of_linked_projectors() {
         assert_eq!(p["action"], "rebuild", "{report}");
         assert_eq!(p["state"], "live", "{report}");
     }
+}
 
-    // The tables: the set-based projection (the markers' defaults are in the
-    // expected tables too: they are made LIKE the live ones).
-    db.assert_tables_match_expected().await;
-    let head = head(&c).await;
+/// After the swap: v2 of band and userpreferences live at the head, their
+/// v1 tables kept (band's complete, with `v1_bands` rows), the others
+/// untouched, and nothing left in the build schema.
+async fn assert_v2_live_and_v1_kept(db: &TestDb, c: &Client, v1_bands: i64) {
+    let head = head(c).await;
     for name in ["band", "userpreferences"] {
-        assert_eq!(live(&c, name).await, (2, "live".into(), head), "{name}");
-        assert_eq!(kept(&c, name).await, [1], "{name}");
-        assert_eq!(build_row(&c, name).await, None, "{name}");
+        assert_eq!(live(c, name).await, (2, "live".into(), head), "{name}");
+        assert_eq!(kept(c, name).await, [1], "{name}");
+        assert_eq!(build_row(c, name).await, None, "{name}");
     }
     for name in ["dancehall", "event"] {
-        assert_eq!(live(&c, name).await, (1, "live".into(), head), "{name}");
+        assert_eq!(live(c, name).await, (1, "live".into(), head), "{name}");
     }
     for t in [
         "band",
@@ -496,27 +481,61 @@ async fn a_reader_never_sees_the_rebuild_of_linked_projectors() {
         "ignored_state",
     ] {
         assert!(
-            exists(&c, &format!("projectionist_previous.{t}__v1")).await,
+            exists(c, &format!("projectionist_previous.{t}__v1")).await,
             "{t}__v1 is kept"
         );
     }
     assert_eq!(
-        count(&c, "SELECT count(*) FROM projectionist_previous.band__v1").await,
-        before[0],
+        count(c, "SELECT count(*) FROM projectionist_previous.band__v1").await,
+        v1_bands,
         "the kept v1 is complete"
     );
     assert_eq!(
         count(
-            &c,
+            c,
             "SELECT count(*) FROM pg_tables WHERE schemaname = 'projectionist_build'"
         )
         .await,
         0,
         "nothing left in the build schema"
     );
-    let status = status_of(&db, "band");
+    let status = status_of(db, "band");
     assert_eq!(status["kept_versions"], serde_json::json!([1]), "{status}");
     assert!(status["build"].is_null(), "{status}");
+}
+
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn a_reader_never_sees_the_rebuild_of_linked_projectors() {
+    let db = TestDb::new().await;
+    example(&db);
+    db.gen_events(100_000);
+    db.run(&["boot"]).expect(0);
+    let c = db.client().await;
+    let mut c2 = db.client().await;
+    let before = poll_once(&mut c2, &example_poll()).await.unwrap();
+    assert_eq!(&before[7..], &[1, 1, 1], "v1 everywhere before: {before:?}");
+    assert!(before[..7].iter().all(|n| *n > 0), "{before:?}");
+
+    bump(&db, "band", 2, &marker(2, &["band"]));
+    bump(
+        &db,
+        "userpreferences",
+        2,
+        &marker(2, &["origin", "ignored_band"]),
+    );
+    let reader = Reader::start(&db, example_poll()).await;
+    let run = run_async(&db, "boot-v2", &["boot", "--json", "--batch-size", "100"]).await;
+    let polls = reader.stop().await;
+    run.expect(0);
+    assert_polls_saw_one_whole_version_at_a_time(&polls, &before);
+
+    // The swap: both together, in one short transaction.
+    assert_one_short_swap_of_the_linked_pair(&run);
+
+    // The tables: the set-based projection (the markers' defaults are in the
+    // expected tables too: they are made LIKE the live ones).
+    db.assert_tables_match_expected().await;
+    assert_v2_live_and_v1_kept(&db, &c, before[0]).await;
 }
 
 /// The other bug the test above ran into, made deterministic: a reader in a
@@ -602,6 +621,94 @@ async fn two_builds_in_one_boot_share_the_build_schema() {
 // ---------------------------------------------------------------------------
 // 2. Play keeps the live version up to date during the build.
 
+/// Events appended while band v2 builds: `v1_play` gives them to the live
+/// band (still version 1) while the build is still under way. Returns the
+/// head the live band reached.
+async fn assert_play_keeps_the_live_band_up_to_date_during_the_build(
+    db: &TestDb,
+    c: &Client,
+    v1_play: &Player,
+) -> i64 {
+    // Events appended during the build: play v1 gives them to the live band.
+    let build_start = head(c).await;
+    db.gen_events(2_000);
+    let h1 = head(c).await;
+    let new_bands = count(
+        c,
+        &format!("SELECT count(DISTINCT data->>'name') FROM events WHERE id > {build_start} AND name = 'BandCreated'"),
+    )
+    .await;
+    assert!(new_bands > 0, "the appended events create bands");
+    wait_for(
+        "the live band to reach the new head",
+        PATIENCE,
+        &[v1_play],
+        async || live(c, "band").await.2 == h1,
+    )
+    .await;
+    let (id, version, state, position) = build_row(c, "band")
+        .await
+        .expect("the build is still under way when the live band has the new events");
+    println!("live band at {h1} while the build (id {id}) is {state} at {position}");
+    assert_eq!((version, state.as_str()), (2, "booting"));
+    assert_eq!(live(c, "band").await, (1, "live".into(), h1));
+    assert_eq!(
+        count(
+            c,
+            &format!(
+                "SELECT count(*) FROM events e WHERE e.id > {build_start} AND e.name = 'BandCreated' \
+                 AND NOT EXISTS (SELECT 1 FROM public.band b WHERE b.name = e.data->>'name')"
+            )
+        )
+        .await,
+        0,
+        "the live band has the bands created during the build"
+    );
+    assert_eq!(
+        count(c, "SELECT count(*) FROM information_schema.columns WHERE table_schema = 'public' AND table_name = 'band' AND column_name = 'v'").await,
+        0,
+        "the live band is still version 1"
+    );
+    h1
+}
+
+/// After the swap, `v1_play` leaves band (at `swapped_at`) alone and plays
+/// the others. Returns the head it brought dancehall to.
+async fn assert_play_v1_leaves_band_v2_alone(
+    db: &TestDb,
+    c: &Client,
+    v1_play: &Player,
+    swapped_at: &(i32, String, i64),
+) -> i64 {
+    db.gen_events(2_000);
+    let h2 = head(c).await;
+    wait_for(
+        "play v1 to bring dancehall to the head",
+        PATIENCE,
+        &[v1_play],
+        async || live(c, "dancehall").await.2 == h2,
+    )
+    .await;
+    wait_for(
+        "play v1 to say it leaves band alone",
+        PATIENCE,
+        &[v1_play],
+        async || {
+            let log = v1_play.log();
+            log.lines()
+                .any(|l| l.contains("`band`") && l.contains("alone"))
+        },
+    )
+    .await;
+    assert_eq!(
+        &live(c, "band").await,
+        swapped_at,
+        "play v1 wrote nothing into band v2\n{}",
+        v1_play.log()
+    );
+    h2
+}
+
 #[tokio::test(flavor = "multi_thread", worker_threads = 2)]
 async fn play_keeps_the_live_version_up_to_date_during_the_build_and_leaves_it_after_the_swap() {
     let db = TestDb::new().await;
@@ -625,46 +732,7 @@ async fn play_keeps_the_live_version_up_to_date_during_the_build_and_leaves_it_a
         build_row(&c, "band").await.is_some()
     })
     .await;
-    // Events appended during the build: play v1 gives them to the live band.
-    let build_start = head(&c).await;
-    db.gen_events(2_000);
-    let h1 = head(&c).await;
-    let new_bands = count(
-        &c,
-        &format!("SELECT count(DISTINCT data->>'name') FROM events WHERE id > {build_start} AND name = 'BandCreated'"),
-    )
-    .await;
-    assert!(new_bands > 0, "the appended events create bands");
-    wait_for(
-        "the live band to reach the new head",
-        PATIENCE,
-        &[&v1_play],
-        async || live(&c, "band").await.2 == h1,
-    )
-    .await;
-    let (id, version, state, position) = build_row(&c, "band")
-        .await
-        .expect("the build is still under way when the live band has the new events");
-    println!("live band at {h1} while the build (id {id}) is {state} at {position}");
-    assert_eq!((version, state.as_str()), (2, "booting"));
-    assert_eq!(live(&c, "band").await, (1, "live".into(), h1));
-    assert_eq!(
-        count(
-            &c,
-            &format!(
-                "SELECT count(*) FROM events e WHERE e.id > {build_start} AND e.name = 'BandCreated' \
-                 AND NOT EXISTS (SELECT 1 FROM public.band b WHERE b.name = e.data->>'name')"
-            )
-        )
-        .await,
-        0,
-        "the live band has the bands created during the build"
-    );
-    assert_eq!(
-        count(&c, "SELECT count(*) FROM information_schema.columns WHERE table_schema = 'public' AND table_name = 'band' AND column_name = 'v'").await,
-        0,
-        "the live band is still version 1"
-    );
+    let h1 = assert_play_keeps_the_live_band_up_to_date_during_the_build(&db, &c, &v1_play).await;
 
     let run = boot.finish(Duration::from_secs(120)).await;
     run.expect(0);
@@ -682,32 +750,7 @@ async fn play_keeps_the_live_version_up_to_date_during_the_build_and_leaves_it_a
     );
 
     // After the swap, play v1 leaves band alone (and plays the others).
-    db.gen_events(2_000);
-    let h2 = head(&c).await;
-    wait_for(
-        "play v1 to bring dancehall to the head",
-        PATIENCE,
-        &[&v1_play],
-        async || live(&c, "dancehall").await.2 == h2,
-    )
-    .await;
-    wait_for(
-        "play v1 to say it leaves band alone",
-        PATIENCE,
-        &[&v1_play],
-        async || {
-            let log = v1_play.log();
-            log.lines()
-                .any(|l| l.contains("`band`") && l.contains("alone"))
-        },
-    )
-    .await;
-    assert_eq!(
-        live(&c, "band").await,
-        swapped_at,
-        "play v1 wrote nothing into band v2\n{}",
-        v1_play.log()
-    );
+    let h2 = assert_play_v1_leaves_band_v2_alone(&db, &c, &v1_play, &swapped_at).await;
     v1_play.stop();
 
     // Play v2 catches band (and userpreferences, after it) up.
@@ -733,26 +776,10 @@ async fn play_keeps_the_live_version_up_to_date_during_the_build_and_leaves_it_a
 // ---------------------------------------------------------------------------
 // 3. Rollback.
 
-#[tokio::test]
-async fn rollback_swaps_the_kept_version_back_in_and_catches_it_up() {
-    let db = TestDb::new().await;
-    example(&db);
-    db.gen_events(20_000);
-    db.run(&["boot"]).expect(0);
-    let c = db.client().await;
-    let v1_bands = count(&c, "SELECT count(*) FROM band").await;
-    bump(&db, "band", 2, &marker(2, &["band"]));
-    db.run(&["boot"]).expect(0);
-    assert_eq!(live(&c, "band").await.0, 2);
-    assert!(exists(&c, "projectionist_previous.band__v1").await);
-
-    // The deploy is rolled back: the manifest says version 1 again.
-    example(&db);
-    db.gen_events(3_000);
-    let h = head(&c).await;
-    let run = db.run(&["rollback", "band", "--json"]);
-    run.expect(0);
-    let report = json(&run);
+/// `rollback band --json`'s report: band rolled back from v2 to v1 (kept at
+/// the swap's head), in a short swap, and caught up to `h`.
+fn assert_rollback_report(run: &Run, h: i64) {
+    let report = json(run);
     let rolled = &report["rolled_back"];
     assert_eq!(
         (
@@ -774,40 +801,52 @@ async fn rollback_swaps_the_kept_version_back_in_and_catches_it_up() {
     let caught_up = &report["catch_up"]["projectors"][0];
     assert_eq!(caught_up["name"], "band", "{report}");
     assert_eq!(caught_up["position"], h, "{report}");
+}
+
+/// After the rollback: the v1 table of band is live again, caught up to `h`
+/// and equal to the set-based projection; the v2 table (`v1_bands` rows
+/// marked v2) is the one kept, and status says so.
+async fn assert_v1_live_again_and_v2_kept(
+    db: &TestDb,
+    c: &Client,
+    run: &Run,
+    h: i64,
+    v1_bands: i64,
+) {
     assert_eq!(
-        live(&c, "band").await,
+        live(c, "band").await,
         (1, "live".into(), h),
         "band v1 is live again and caught up\n{run:?}"
     );
     assert_eq!(
-        count(&c, "SELECT count(*) FROM information_schema.columns WHERE table_schema = 'public' AND table_name = 'band' AND column_name = 'v'").await,
+        count(c, "SELECT count(*) FROM information_schema.columns WHERE table_schema = 'public' AND table_name = 'band' AND column_name = 'v'").await,
         0,
         "the live band is the v1 table (no marker column)"
     );
     assert!(
-        count(&c, "SELECT count(*) FROM band").await > v1_bands,
+        count(c, "SELECT count(*) FROM band").await > v1_bands,
         "the v1 table got the bands created since"
     );
     db.expected_projection();
-    assert_table_matches(&c, "band").await;
+    assert_table_matches(c, "band").await;
     assert!(
-        exists(&c, "projectionist_previous.band__v2").await,
+        exists(c, "projectionist_previous.band__v2").await,
         "v2 is kept"
     );
     assert!(
-        !exists(&c, "projectionist_previous.band__v1").await,
+        !exists(c, "projectionist_previous.band__v1").await,
         "v1 left the previous schema"
     );
     assert_eq!(
         count(
-            &c,
+            c,
             "SELECT count(*) FROM projectionist_previous.band__v2 WHERE v = 2"
         )
         .await,
         v1_bands,
         "the kept v2 is the table that was live"
     );
-    let status = status_of(&db, "band");
+    let status = status_of(db, "band");
     assert_eq!(status["kept_versions"], serde_json::json!([2]), "{status}");
     assert_eq!(status["version"], 1, "{status}");
     let detail = db.run(&["status", "band"]);
@@ -819,13 +858,11 @@ async fn rollback_swaps_the_kept_version_back_in_and_catches_it_up() {
         "{}",
         detail.stdout
     );
-    // The others were not part of it: play (v1) catches them up, and plays
-    // the rolled-back band on; all nine match.
-    db.gen_events(500);
-    play_to_head(&db, &SQL_PROJECTORS).await;
-    assert_eq!(live(&c, "band").await, (1, "live".into(), head(&c).await));
-    db.assert_tables_match_expected().await;
+}
 
+/// A second rollback, and one to a version never kept, are refused (exit 2,
+/// saying why) and change nothing.
+async fn assert_no_second_rollback(db: &TestDb, c: &Client) {
     // Again: nothing to roll back.
     let run = db.run(&["rollback", "band"]);
     run.expect(2);
@@ -835,7 +872,7 @@ async fn rollback_swaps_the_kept_version_back_in_and_catches_it_up() {
         run.stderr
     );
     // To a version never kept: named.
-    bump(&db, "band", 3, "");
+    bump(db, "band", 3, "");
     let run = db.run(&["rollback", "band"]);
     run.expect(2);
     assert!(
@@ -843,8 +880,39 @@ async fn rollback_swaps_the_kept_version_back_in_and_catches_it_up() {
         "{}",
         run.stderr
     );
-    assert_eq!(live(&c, "band").await.0, 1, "nothing changed");
-    assert_eq!(kept(&c, "band").await, [2]);
+    assert_eq!(live(c, "band").await.0, 1, "nothing changed");
+    assert_eq!(kept(c, "band").await, [2]);
+}
+
+#[tokio::test]
+async fn rollback_swaps_the_kept_version_back_in_and_catches_it_up() {
+    let db = TestDb::new().await;
+    example(&db);
+    db.gen_events(20_000);
+    db.run(&["boot"]).expect(0);
+    let c = db.client().await;
+    let v1_bands = count(&c, "SELECT count(*) FROM band").await;
+    bump(&db, "band", 2, &marker(2, &["band"]));
+    db.run(&["boot"]).expect(0);
+    assert_eq!(live(&c, "band").await.0, 2);
+    assert!(exists(&c, "projectionist_previous.band__v1").await);
+
+    // The deploy is rolled back: the manifest says version 1 again.
+    example(&db);
+    db.gen_events(3_000);
+    let h = head(&c).await;
+    let run = db.run(&["rollback", "band", "--json"]);
+    run.expect(0);
+    assert_rollback_report(&run, h);
+    assert_v1_live_again_and_v2_kept(&db, &c, &run, h, v1_bands).await;
+    // The others were not part of it: play (v1) catches them up, and plays
+    // the rolled-back band on; all nine match.
+    db.gen_events(500);
+    play_to_head(&db, &SQL_PROJECTORS).await;
+    assert_eq!(live(&c, "band").await, (1, "live".into(), head(&c).await));
+    db.assert_tables_match_expected().await;
+
+    assert_no_second_rollback(&db, &c).await;
 }
 
 // ---------------------------------------------------------------------------
@@ -1353,6 +1421,159 @@ async fn assert_rc_live_complete(c: &Client, events: i64, when: &str) -> i32 {
     version
 }
 
+/// Waits until no session of a projectionist process is left in the database.
+async fn wait_for_killed_boot_sessions_to_end(c: &Client) {
+    wait_for("the killed boot's sessions to end", PATIENCE, &[], async || {
+        count(
+            c,
+            "SELECT count(*) FROM pg_stat_activity WHERE datname = current_database() AND application_name LIKE 'projectionist%'",
+        )
+        .await
+            == 0
+    })
+    .await;
+}
+
+/// Boots the build of rc v2 and kills it as soon as it exists, then twice
+/// further on: each time the build is the same record, never goes back, and
+/// v1 stays live and complete. Returns the build's position at the last kill.
+async fn kill_the_build_of_v2_three_times(db: &TestDb, c: &Client, events: i64) -> i64 {
+    let mut build_id = None;
+    let mut last = 0;
+    for (i, past) in [0, 5_000, 12_000].into_iter().enumerate() {
+        let mut boot = Spawned::start(db, &format!("build-{i}"), &["boot", "--batch-size", "50"]);
+        let deadline = Instant::now() + Duration::from_secs(30);
+        loop {
+            if let Some((_, _, state, pos)) = build_row(c, "rc").await
+                && pos >= past
+                && state == "booting"
+            {
+                break;
+            }
+            assert!(
+                !boot.exited(),
+                "boot ended before the kill point {past}: {:?}",
+                boot.run()
+            );
+            assert!(Instant::now() < deadline, "the build never passed {past}");
+            tokio::time::sleep(Duration::from_millis(5)).await;
+        }
+        boot.sigkill();
+        let (id, version, state, pos) = build_row(c, "rc").await.unwrap();
+        println!("killed the build at {pos} (kill point {past})");
+        assert_eq!(version, 2);
+        assert_eq!(
+            *build_id.get_or_insert(id),
+            id,
+            "the build resumes: same record"
+        );
+        assert!(pos >= last, "the build went back from {last} to {pos}");
+        assert_ne!(state, "built", "killed before the end");
+        last = pos;
+        assert_eq!(
+            assert_rc_live_complete(c, events, &format!("after kill {i}")).await,
+            1,
+            "v1 stays live, complete"
+        );
+        let status = status_of(db, "rc");
+        assert_eq!(status["build"]["version"], 2, "{status}");
+        assert_eq!(status["build"]["position"], pos, "{status}");
+        let table = db.run(&["status"]);
+        assert!(
+            table.stdout.contains(&format!(
+                "building v2 (booting): position {pos}, lag {}",
+                events - pos
+            )),
+            "{}",
+            table.stdout
+        );
+    }
+    last
+}
+
+/// Kills the boot of rc v3 in the middle of its swap: v2 stays live, whole,
+/// and the next boot swaps v3 in.
+async fn kill_the_swap_of_v3_midway(db: &TestDb, c: &Client, events: i64) {
+    // A reader holds rc_seen, so the swap has exchanged rc_n and waits for
+    // rc_seen; kill it there.
+    things_manifest(db, &rc(3));
+    let holder = db.client().await;
+    holder
+        .batch_execute("BEGIN; SELECT count(*) FROM rc_seen")
+        .await
+        .unwrap();
+    let mut boot = Spawned::start(db, "mid-swap", &["boot"]);
+    wait_for("the swap to wait for rc_seen", PATIENCE, &[], async || {
+        count(
+            c,
+            "SELECT count(*) FROM pg_locks WHERE NOT granted AND relation = 'public.rc_seen'::regclass",
+        )
+        .await
+            > 0
+    })
+    .await;
+    assert_eq!(build_row(c, "rc").await.unwrap().2, "built");
+    boot.sigkill();
+    // The dead boot's session ends at its lock timeout; its transaction never commits.
+    wait_for_killed_boot_sessions_to_end(c).await;
+    holder.batch_execute("COMMIT").await.unwrap();
+    assert_eq!(
+        assert_rc_live_complete(c, events, "killed mid-swap").await,
+        2,
+        "the half-done swap rolled back: v2 is live, whole"
+    );
+    assert_eq!(build_row(c, "rc").await.unwrap().2, "built");
+    db.run(&["boot"]).expect(0);
+    assert_eq!(assert_rc_live_complete(c, events, "v3 swapped in").await, 3);
+}
+
+/// Bumps rc from v3 on and kills each boot 0-60 ms after the build is seen
+/// done (the swap commits some 25 ms after that here), until kills landed on
+/// both sides of its commit (at most 8 tries): the live version is always
+/// whole, the old or the new one, and the next boot swaps the new one in.
+/// Returns the last version.
+async fn kill_around_the_swap_commit(db: &TestDb, c: &Client, events: i64) -> i32 {
+    let mut outcomes = [0; 2];
+    let mut version = 3;
+    while version < 11 && (version < 7 || outcomes.contains(&0)) {
+        version += 1;
+        things_manifest(db, &rc(version));
+        let mut boot = Spawned::start(db, &format!("around-{version}"), &["boot"]);
+        loop {
+            let built = build_row(c, "rc").await.is_some_and(|b| b.2 == "built");
+            if built || live(c, "rc").await.0 == version || boot.exited() {
+                break;
+            }
+            tokio::time::sleep(Duration::from_millis(1)).await;
+        }
+        let delay = random_below(60);
+        tokio::time::sleep(Duration::from_millis(delay)).await;
+        boot.sigkill();
+        wait_for_killed_boot_sessions_to_end(c).await;
+        let now = assert_rc_live_complete(
+            c,
+            events,
+            &format!("killed {delay} ms after v{version} was built"),
+        )
+        .await;
+        assert!(
+            now == version - 1 || now == version,
+            "v{now} live after killing the swap of v{version}"
+        );
+        outcomes[(now == version) as usize] += 1;
+        db.run(&["boot"]).expect(0);
+        assert_eq!(
+            assert_rc_live_complete(c, events, &format!("v{version} after the next boot")).await,
+            version
+        );
+    }
+    println!(
+        "kills around the swap: {} landed before it committed, {} after",
+        outcomes[0], outcomes[1]
+    );
+    version
+}
+
 #[tokio::test(flavor = "multi_thread", worker_threads = 2)]
 async fn sigkill_during_a_build_and_around_the_swap_loses_nothing() {
     const EVENTS: i64 = 20_000;
@@ -1371,56 +1592,7 @@ async fn sigkill_during_a_build_and_around_the_swap_loses_nothing() {
 
     // During the build: kill as soon as it exists, then twice further on.
     things_manifest(&db, &rc(2));
-    let mut build_id = None;
-    let mut last = 0;
-    for (i, past) in [0, 5_000, 12_000].into_iter().enumerate() {
-        let mut boot = Spawned::start(&db, &format!("build-{i}"), &["boot", "--batch-size", "50"]);
-        let deadline = Instant::now() + Duration::from_secs(30);
-        loop {
-            if let Some((_, _, state, pos)) = build_row(&c, "rc").await
-                && pos >= past
-                && state == "booting"
-            {
-                break;
-            }
-            assert!(
-                !boot.exited(),
-                "boot ended before the kill point {past}: {:?}",
-                boot.run()
-            );
-            assert!(Instant::now() < deadline, "the build never passed {past}");
-            tokio::time::sleep(Duration::from_millis(5)).await;
-        }
-        boot.sigkill();
-        let (id, version, state, pos) = build_row(&c, "rc").await.unwrap();
-        println!("killed the build at {pos} (kill point {past})");
-        assert_eq!(version, 2);
-        assert_eq!(
-            *build_id.get_or_insert(id),
-            id,
-            "the build resumes: same record"
-        );
-        assert!(pos >= last, "the build went back from {last} to {pos}");
-        assert_ne!(state, "built", "killed before the end");
-        last = pos;
-        assert_eq!(
-            assert_rc_live_complete(&c, EVENTS, &format!("after kill {i}")).await,
-            1,
-            "v1 stays live, complete"
-        );
-        let status = status_of(&db, "rc");
-        assert_eq!(status["build"]["version"], 2, "{status}");
-        assert_eq!(status["build"]["position"], pos, "{status}");
-        let table = db.run(&["status"]);
-        assert!(
-            table.stdout.contains(&format!(
-                "building v2 (booting): position {pos}, lag {}",
-                EVENTS - pos
-            )),
-            "{}",
-            table.stdout
-        );
-    }
+    let last = kill_the_build_of_v2_three_times(&db, &c, EVENTS).await;
     let run = db.run(&["boot", "--json"]);
     run.expect(0);
     let report = json(&run);
@@ -1443,98 +1615,11 @@ async fn sigkill_during_a_build_and_around_the_swap_loses_nothing() {
         "v1 kept, complete"
     );
 
-    // In the middle of the swap: a reader holds rc_seen, so the swap has
-    // exchanged rc_n and waits for rc_seen; kill it there.
-    things_manifest(&db, &rc(3));
-    let holder = db.client().await;
-    holder
-        .batch_execute("BEGIN; SELECT count(*) FROM rc_seen")
-        .await
-        .unwrap();
-    let mut boot = Spawned::start(&db, "mid-swap", &["boot"]);
-    wait_for("the swap to wait for rc_seen", PATIENCE, &[], async || {
-        count(
-            &c,
-            "SELECT count(*) FROM pg_locks WHERE NOT granted AND relation = 'public.rc_seen'::regclass",
-        )
-        .await
-            > 0
-    })
-    .await;
-    assert_eq!(build_row(&c, "rc").await.unwrap().2, "built");
-    boot.sigkill();
-    // The dead boot's session ends at its lock timeout; its transaction never commits.
-    wait_for("the killed boot's sessions to end", PATIENCE, &[], async || {
-        count(
-            &c,
-            "SELECT count(*) FROM pg_stat_activity WHERE datname = current_database() AND application_name LIKE 'projectionist%'",
-        )
-        .await
-            == 0
-    })
-    .await;
-    holder.batch_execute("COMMIT").await.unwrap();
-    assert_eq!(
-        assert_rc_live_complete(&c, EVENTS, "killed mid-swap").await,
-        2,
-        "the half-done swap rolled back: v2 is live, whole"
-    );
-    assert_eq!(build_row(&c, "rc").await.unwrap().2, "built");
-    db.run(&["boot"]).expect(0);
-    assert_eq!(
-        assert_rc_live_complete(&c, EVENTS, "v3 swapped in").await,
-        3
-    );
+    // In the middle of the swap.
+    kill_the_swap_of_v3_midway(&db, &c, EVENTS).await;
 
-    // Around the swap, at random: kill 0-60 ms after the build is seen done
-    // (the swap commits some 25 ms after that here), until kills landed on
-    // both sides of its commit (at most 8 tries).
-    let mut outcomes = [0; 2];
-    let mut version = 3;
-    while version < 11 && (version < 7 || outcomes.contains(&0)) {
-        version += 1;
-        things_manifest(&db, &rc(version));
-        let mut boot = Spawned::start(&db, &format!("around-{version}"), &["boot"]);
-        loop {
-            let built = build_row(&c, "rc").await.is_some_and(|b| b.2 == "built");
-            if built || live(&c, "rc").await.0 == version || boot.exited() {
-                break;
-            }
-            tokio::time::sleep(Duration::from_millis(1)).await;
-        }
-        let delay = random_below(60);
-        tokio::time::sleep(Duration::from_millis(delay)).await;
-        boot.sigkill();
-        wait_for("the killed boot's sessions to end", PATIENCE, &[], async || {
-            count(
-                &c,
-                "SELECT count(*) FROM pg_stat_activity WHERE datname = current_database() AND application_name LIKE 'projectionist%'",
-            )
-            .await
-                == 0
-        })
-        .await;
-        let now = assert_rc_live_complete(
-            &c,
-            EVENTS,
-            &format!("killed {delay} ms after v{version} was built"),
-        )
-        .await;
-        assert!(
-            now == version - 1 || now == version,
-            "v{now} live after killing the swap of v{version}"
-        );
-        outcomes[(now == version) as usize] += 1;
-        db.run(&["boot"]).expect(0);
-        assert_eq!(
-            assert_rc_live_complete(&c, EVENTS, &format!("v{version} after the next boot")).await,
-            version
-        );
-    }
-    println!(
-        "kills around the swap: {} landed before it committed, {} after",
-        outcomes[0], outcomes[1]
-    );
+    // Around the swap, at random.
+    let version = kill_around_the_swap_commit(&db, &c, EVENTS).await;
     assert_eq!(kept(&c, "rc").await, (1..version).collect::<Vec<_>>());
 }
 
@@ -1646,28 +1731,9 @@ fn pt(version: i32) -> String {
     )
 }
 
-#[tokio::test]
-async fn prune_writes_the_migration_that_drops_kept_versions_older_than_min_age() {
-    let db = TestDb::new().await;
-    let c = thing_store(
-        &db,
-        false,
-        "CREATE TABLE pt_log (id bigint PRIMARY KEY);",
-        &pt(1),
-    )
-    .await;
-    add_things(&c, 500).await;
-    db.run(&["boot"]).expect(0);
-    let run = db.run(&["prune", "--min-age", "0s"]);
-    run.expect(0);
-    assert!(
-        run.stdout.contains("nothing to prune"),
-        "no kept version yet: {}",
-        run.stdout
-    );
-
-    things_manifest(&db, &pt(2));
-    db.run(&["boot"]).expect(0);
+/// Right after a swap, the kept version is younger than any `--min-age`
+/// prune uses by default or is given here: nothing to prune, no file written.
+fn assert_nothing_to_prune_right_after_the_swap(db: &TestDb) {
     for args in [
         vec!["prune"],
         vec!["prune", "--min-age", "72h"],
@@ -1685,17 +1751,11 @@ async fn prune_writes_the_migration_that_drops_kept_versions_older_than_min_age(
         !db.dir.path().join("migrations").exists(),
         "no file written"
     );
+}
 
-    // v2 kept too; v1 kept for four days already.
-    things_manifest(&db, &pt(3));
-    db.run(&["boot"]).expect(0);
-    assert_eq!(kept(&c, "pt").await, [1, 2]);
-    c.execute(
-        "UPDATE projectionist.versions SET kept_since = now() - interval '4 days' WHERE projector = 'pt' AND version = 1",
-        &[],
-    )
-    .await
-    .unwrap();
+/// `prune --dry-run` (default min-age 72h) shows the drop of pt v1, kept for
+/// four days, and not of v2; it writes no file.
+fn assert_dry_run_shows_only_the_version_older_than_72h(db: &TestDb) {
     let run = db.run(&["prune", "--dry-run"]);
     run.expect(0);
     assert!(
@@ -1713,15 +1773,18 @@ async fn prune_writes_the_migration_that_drops_kept_versions_older_than_min_age(
         !db.dir.path().join("migrations").exists(),
         "--dry-run writes no file"
     );
+}
 
-    let dir = migrations_dir(&db);
-    let before: Vec<_> = std::fs::read_dir(&dir)
+/// `prune --min-age 0s --dir DIR` writes one migration into `dir`, named in
+/// its output, that drops the tables of pt v1 and v2.
+fn assert_prune_writes_one_migration_dropping_both(db: &TestDb, dir: &Path) {
+    let before: Vec<_> = std::fs::read_dir(dir)
         .unwrap()
         .map(|f| f.unwrap().file_name())
         .collect();
-    let run = db.run(&["prune", "--min-age", "0s", "--dir", s(&dir)]);
+    let run = db.run(&["prune", "--min-age", "0s", "--dir", s(dir)]);
     run.expect(0);
-    let written: Vec<PathBuf> = std::fs::read_dir(&dir)
+    let written: Vec<PathBuf> = std::fs::read_dir(dir)
         .unwrap()
         .map(|f| f.unwrap())
         .filter(|f| !before.contains(&f.file_name()))
@@ -1744,11 +1807,13 @@ async fn prune_writes_the_migration_that_drops_kept_versions_older_than_min_age(
             "{sql}"
         );
     }
-    // Written, not applied.
-    assert!(exists(&c, "projectionist_previous.pt_log__v1").await);
-    assert_eq!(kept(&c, "pt").await, [1, 2]);
+}
 
-    let run = db.run(&["migrate", "--dir", s(&dir)]);
+/// `migrate --dir DIR` applies the prune migration: the kept tables of pt
+/// are dropped, the ledger and status keep no version, and nothing is left
+/// to prune.
+async fn assert_migrate_applies_the_prune(db: &TestDb, c: &Client, dir: &Path) {
+    let run = db.run(&["migrate", "--dir", s(dir)]);
     run.expect(0);
     assert!(
         run.stdout.contains("prune_previous_versions"),
@@ -1757,16 +1822,61 @@ async fn prune_writes_the_migration_that_drops_kept_versions_older_than_min_age(
     );
     for t in ["pt_log__v1", "pt_log__v2"] {
         assert!(
-            !exists(&c, &format!("projectionist_previous.{t}")).await,
+            !exists(c, &format!("projectionist_previous.{t}")).await,
             "{t} dropped"
         );
     }
-    assert_eq!(kept(&c, "pt").await, Vec::<i32>::new());
-    let status = status_of(&db, "pt");
+    assert_eq!(kept(c, "pt").await, Vec::<i32>::new());
+    let status = status_of(db, "pt");
     assert_eq!(status["kept_versions"], serde_json::json!([]), "{status}");
     let run = db.run(&["prune", "--min-age", "0s", "--dry-run"]);
     run.expect(0);
     assert!(run.stdout.contains("nothing to prune"), "{}", run.stdout);
+}
+
+#[tokio::test]
+async fn prune_writes_the_migration_that_drops_kept_versions_older_than_min_age() {
+    let db = TestDb::new().await;
+    let c = thing_store(
+        &db,
+        false,
+        "CREATE TABLE pt_log (id bigint PRIMARY KEY);",
+        &pt(1),
+    )
+    .await;
+    add_things(&c, 500).await;
+    db.run(&["boot"]).expect(0);
+    let run = db.run(&["prune", "--min-age", "0s"]);
+    run.expect(0);
+    assert!(
+        run.stdout.contains("nothing to prune"),
+        "no kept version yet: {}",
+        run.stdout
+    );
+
+    things_manifest(&db, &pt(2));
+    db.run(&["boot"]).expect(0);
+    assert_nothing_to_prune_right_after_the_swap(&db);
+
+    // v2 kept too; v1 kept for four days already.
+    things_manifest(&db, &pt(3));
+    db.run(&["boot"]).expect(0);
+    assert_eq!(kept(&c, "pt").await, [1, 2]);
+    c.execute(
+        "UPDATE projectionist.versions SET kept_since = now() - interval '4 days' WHERE projector = 'pt' AND version = 1",
+        &[],
+    )
+    .await
+    .unwrap();
+    assert_dry_run_shows_only_the_version_older_than_72h(&db);
+
+    let dir = migrations_dir(&db);
+    assert_prune_writes_one_migration_dropping_both(&db, &dir);
+    // Written, not applied.
+    assert!(exists(&c, "projectionist_previous.pt_log__v1").await);
+    assert_eq!(kept(&c, "pt").await, [1, 2]);
+
+    assert_migrate_applies_the_prune(&db, &c, &dir).await;
     // The live version goes on.
     let h = add_things(&c, 10).await;
     play_to_head(&db, &["pt"]).await;

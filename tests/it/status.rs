@@ -603,6 +603,12 @@ async fn verify_reports_ok_then_a_mismatch_and_heal_rebuilds() {
     );
     assert_eq!(db.count("SELECT count(*) FROM band").await, bands);
     assert_eq!(db.ledger("band").await.unwrap(), ("live".into(), 3_000));
+    // Healed beside the live table and swapped in: the damaged one is kept.
+    assert_eq!(
+        db.count("SELECT count(*) FROM projectionist_previous.band__v1")
+            .await,
+        bands - 1
+    );
     db.assert_tables_match_expected().await;
     db.run(&["verify"]).expect(0);
 }
