@@ -479,30 +479,50 @@ async fn plan_by_transaction(
         params.push(tx);
         params.push(id);
     }
-    if let Some(r) = client
-        .query_opt(&sql, &params)
-        .await
-        .context("reading the next batch's end")?
-    {
-        return Ok(Plan::Batch {
-            end: Position::from_parts(r.col(0)?, r.col(1)?)?,
-            holes: None,
-        });
-    }
-    // Nothing below the horizon: is anything visible beyond it?
+    // Nothing below the horizon: is anything visible beyond it? Asked in a
+    // second statement, so a transaction that committed in between shows
+    // here below the new horizon: then the batch is read again at once
+    // rather than reported held (which makes play look again only later).
     let (cond, range) = match bound {
         Some(b) => shape.range_params(after, b, 1),
         None => shape.after_params(after, 1),
     };
-    let sql = format!(
-        "SELECT {t}::text, {p}::bigint FROM {rel} WHERE {cond} ORDER BY {order} LIMIT 1",
+    let n = range.len();
+    let beyond = format!(
+        "SELECT {t}::text, {p}::bigint, {t} < ({horizon}) FROM {rel} WHERE {cond} ORDER BY {order} LIMIT 1",
         rel = shape.relation(),
         order = shape.order(),
+        horizon = horizon_sql(&format!("${}::oid[]", n + 1)),
     );
-    let refs: Vec<&(dyn ToSql + Sync)> = range.iter().map(|b| b.as_ref() as _).collect();
-    match client.query_opt(&sql, &refs).await? {
-        Some(r) => Ok(Plan::Held {
-            visible: Position::from_parts(r.col(0)?, r.col(1)?)?,
+    let mut beyond_params: Vec<&(dyn ToSql + Sync)> =
+        range.iter().map(|b| b.as_ref() as _).collect();
+    beyond_params.push(&shape.sources);
+    let mut visible = None;
+    for _ in 0..3 {
+        if let Some(r) = client
+            .query_opt(&sql, &params)
+            .await
+            .context("reading the next batch's end")?
+        {
+            return Ok(Plan::Batch {
+                end: Position::from_parts(r.col(0)?, r.col(1)?)?,
+                holes: None,
+            });
+        }
+        match client.query_opt(&beyond, &beyond_params).await? {
+            None => return Ok(Plan::CaughtUp),
+            Some(r) => {
+                visible = Some(Position::from_parts(r.col(0)?, r.col(1)?)?);
+                let below: bool = r.col(2)?;
+                if !below {
+                    break;
+                }
+            }
+        }
+    }
+    match visible {
+        Some(visible) => Ok(Plan::Held {
+            visible,
             by: holders(shape, client).await?,
         }),
         None => Ok(Plan::CaughtUp),
