@@ -939,6 +939,23 @@ async fn assert_metrics_after_a_batch_with_a_hole(port: u16, h: i64, play: &Play
     }
 }
 
+/// Waits for `/healthz` to answer 503 once the database is gone or silent:
+/// within the session timeout the tests run play with (4 s).
+async fn assert_healthz_503_within_the_session_timeout(port: u16, play: &Player, what: &str) {
+    let took = wait_for("/healthz to answer 503", PATIENCE, &[play], async || {
+        http_get(port, "/healthz")
+            .await
+            .is_some_and(|(code, _)| code == 503)
+    })
+    .await;
+    eprintln!("/healthz answered 503 {took:?} {what}");
+    assert!(
+        took < Duration::from_secs(4),
+        "/healthz took {took:?} to answer 503 {what} (session timeout 4s)\n{}",
+        play.log()
+    );
+}
+
 /// The server of `cluster` stopped: `/healthz` answers 503 within the
 /// session timeout, and the metrics endpoint stays up saying the database is
 /// down.
@@ -948,18 +965,7 @@ async fn assert_healthz_503_while_the_server_is_stopped(
     play: &Player,
 ) {
     cluster.stop_fast();
-    let took = wait_for("/healthz to answer 503", PATIENCE, &[play], async || {
-        http_get(port, "/healthz")
-            .await
-            .is_some_and(|(code, _)| code == 503)
-    })
-    .await;
-    eprintln!("/healthz answered 503 {took:?} after the server stopped");
-    assert!(
-        took < Duration::from_secs(4),
-        "/healthz took {took:?} to answer 503 (session timeout 4s)\n{}",
-        play.log()
-    );
+    assert_healthz_503_within_the_session_timeout(port, play, "after the server stopped").await;
     let body = get_metrics(port)
         .await
         .expect("the metrics endpoint stays up");
@@ -1093,18 +1099,7 @@ async fn healthz_answers_503_within_the_session_timeout_when_the_network_freezes
     assert_eq!(http_get(port, "/healthz").await, Some((200, "ok\n".into())));
 
     proxy.freeze();
-    let took = wait_for("/healthz to answer 503", PATIENCE, &[&play], async || {
-        http_get(port, "/healthz")
-            .await
-            .is_some_and(|(code, _)| code == 503)
-    })
-    .await;
-    eprintln!("/healthz answered 503 {took:?} after the freeze");
-    assert!(
-        took < Duration::from_secs(4),
-        "/healthz took {took:?} to answer 503 with a silent database (session timeout 4s)\n{}",
-        play.log()
-    );
+    assert_healthz_503_within_the_session_timeout(port, &play, "after the freeze").await;
 
     proxy.resume();
     let back = wait_for(
