@@ -208,6 +208,15 @@ fn counter_projector(name: &str, partitions: i32) -> String {
     )
 }
 
+/// A counter projector `name` in four parts over 1,000 events of 50
+/// streams, booted.
+async fn booted_counter_in_four_parts(db: &TestDb, name: &str) -> Client {
+    let c = thing_store(db, true, COUNTER_TABLES, &counter_projector(name, 4)).await;
+    add_stream_things(&c, 1_000, 50).await;
+    db.run(&["boot"]).expect(0);
+    c
+}
+
 /// Appends `n` `Thing` events over `streams` streams (the same streams on
 /// every call) in one statement; returns the new head.
 async fn add_stream_things(c: &Client, n: i64, streams: i64) -> i64 {
@@ -671,9 +680,7 @@ async fn assert_each_runner_plays_its_parts(
 async fn two_runners_play_separate_parts_and_one_takes_the_others_over_when_it_is_killed() {
     let db = TestDb::new().await;
     let name = "split_parts";
-    let c = thing_store(&db, true, COUNTER_TABLES, &counter_projector(name, 4)).await;
-    add_stream_things(&c, 1_000, 50).await;
-    db.run(&["boot"]).expect(0);
+    let c = booted_counter_in_four_parts(&db, name).await;
 
     let (mut first, mut second) = start_runners_on_separate_parts(&db, &c, name).await;
     assert_each_runner_plays_its_parts(&c, name, &first, &second).await;
@@ -717,9 +724,7 @@ async fn two_runners_play_separate_parts_and_one_takes_the_others_over_when_it_i
 async fn a_second_runner_takes_its_share_of_the_parts_while_events_keep_coming() {
     let db = TestDb::new().await;
     let name = "share_parts";
-    let c = thing_store(&db, true, COUNTER_TABLES, &counter_projector(name, 4)).await;
-    add_stream_things(&c, 1_000, 50).await;
-    db.run(&["boot"]).expect(0);
+    let c = booted_counter_in_four_parts(&db, name).await;
     let mut first = Player::start(&db, "first", &["--poll", "200ms", "--batch-size", "50"]);
     wait_for(
         "the first runner to play every part",
@@ -804,9 +809,7 @@ async fn a_second_runner_takes_its_share_of_the_parts_while_events_keep_coming()
 async fn a_runner_that_cannot_play_a_partitioned_projector_leaves_it_all_to_one_that_can() {
     let db = TestDb::new().await;
     let name = "deployed_parts";
-    let c = thing_store(&db, true, COUNTER_TABLES, &counter_projector(name, 4)).await;
-    add_stream_things(&c, 1_000, 50).await;
-    db.run(&["boot"]).expect(0);
+    let c = booted_counter_in_four_parts(&db, name).await;
     let mut old = Player::start(&db, "old", &["--poll", "200ms"]);
     wait_for(
         "the old runner to play every part",

@@ -1087,20 +1087,27 @@ async fn views_grants_and_an_identity_column_survive_the_swap_and_the_prune() {
     assert_eq!(count(&c, "SELECT count(*) FROM item_v2").await, 1_020);
 }
 
+/// A tagger of `table` (made by `ddl`) booted at version 1 over `things`
+/// events, then at version 2 (rebuilt beside and swapped in).
+async fn booted_then_bumped(db: &TestDb, ddl: &str, table: &str, things: i64) -> Client {
+    let c = thing_store(db, false, ddl, &tagger(table, 1)).await;
+    add_things(&c, things).await;
+    db.run(&["boot"]).expect(0);
+    things_manifest(db, &tagger(table, 2));
+    db.run(&["boot"]).expect(0);
+    c
+}
+
 #[tokio::test]
 async fn the_table_comment_survives_the_swap() {
     let db = TestDb::new().await;
-    let c = thing_store(
+    let c = booted_then_bumped(
         &db,
-        false,
         "CREATE TABLE item (pos bigint PRIMARY KEY, tag text NOT NULL); COMMENT ON TABLE item IS 'items by position';",
-        &tagger("item", 1),
+        "item",
+        100,
     )
     .await;
-    add_things(&c, 100).await;
-    db.run(&["boot"]).expect(0);
-    things_manifest(&db, &tagger("item", 2));
-    db.run(&["boot"]).expect(0);
     assert_eq!(live(&c, "item").await.0, 2);
     let comment: Option<String> = c
         .query_one(
@@ -1116,17 +1123,13 @@ async fn the_table_comment_survives_the_swap() {
 #[tokio::test]
 async fn a_serial_column_survives_the_swap_and_the_prune() {
     let db = TestDb::new().await;
-    let c = thing_store(
+    let c = booted_then_bumped(
         &db,
-        false,
         "CREATE TABLE entry (n bigserial PRIMARY KEY, pos bigint NOT NULL UNIQUE, tag text NOT NULL);",
-        &tagger("entry", 1),
+        "entry",
+        1_000,
     )
     .await;
-    add_things(&c, 1_000).await;
-    db.run(&["boot"]).expect(0);
-    things_manifest(&db, &tagger("entry", 2));
-    db.run(&["boot"]).expect(0);
     assert_eq!(live(&c, "entry").await.0, 2);
     assert_eq!(
         count(&c, "SELECT count(*) FROM entry WHERE tag = 'v2'").await,
