@@ -316,3 +316,95 @@ async fn boot_names_limit_the_selection_and_unknown_names_are_usage_errors() {
         run.stderr
     );
 }
+
+/// A read model that grows while one in three events deletes a row by its key.
+const GROWING: &str = r#"
+[projectors.growing]
+tables = ["growing"]
+on.Thing = "INSERT INTO growing (id, pad) VALUES (:data.i::bigint, repeat('x', 400))"
+on.Gone = "DELETE FROM growing WHERE id = :data.i::bigint - 1"
+"#;
+
+#[tokio::test]
+async fn handler_plans_follow_a_read_model_that_grows_during_boot() {
+    // PostgreSQL keeps a statement's plan for the session. The DELETE's plan
+    // is first made while the table has a page or two (a sequential scan);
+    // kept, every later delete would scan the whole growing table.
+    let db = TestDb::new().await;
+    let c = thing_store(
+        &db,
+        false,
+        "CREATE TABLE growing (id bigint PRIMARY KEY, pad text NOT NULL)",
+        GROWING,
+    )
+    .await;
+    c.execute(
+        "INSERT INTO events (aggregate_id, aggregate_name, name, data) \
+         SELECT gen_random_uuid(), 'thing', CASE WHEN i % 3 = 0 THEN 'Gone' ELSE 'Thing' END, \
+                jsonb_build_object('i', i) \
+         FROM generate_series(1, 30000) i",
+        &[],
+    )
+    .await
+    .unwrap();
+    c.batch_execute("ANALYZE growing").await.unwrap();
+    db.run(&["boot", "--batch-size", "500"]).expect(0);
+    assert_eq!(db.count("SELECT count(*) FROM growing").await, 10_000);
+    // The boot's sessions have ended: their table statistics are in.
+    let mut scans = (0, 0);
+    for _ in 0..50 {
+        let row = c
+            .query_one(
+                "SELECT pg_stat_clear_snapshot()::text, seq_scan, coalesce(idx_scan, 0) \
+                 FROM pg_stat_user_tables WHERE relname = 'growing'",
+                &[],
+            )
+            .await
+            .unwrap();
+        scans = (row.get::<_, i64>(1), row.get::<_, i64>(2));
+        if scans.0 + scans.1 >= 9_000 {
+            break;
+        }
+        tokio::time::sleep(std::time::Duration::from_millis(100)).await;
+    }
+    // 10,000 deletes: only those of the first thousand events may scan.
+    assert!(scans.1 >= 9_000, "{scans:?}");
+    assert!(
+        scans.0 < 1_000,
+        "sequential scans {}, index scans {}",
+        scans.0,
+        scans.1
+    );
+}
+
+#[tokio::test]
+async fn batches_run_without_jit_whatever_the_server_says() {
+    // The planner cannot estimate a batch's range: on a big store it costs the
+    // reading as a large scan, and JIT would compile it for every batch. Here
+    // JIT is asked for on every statement; the handlers see it off.
+    let db = TestDb::new().await;
+    let c = thing_store(
+        &db,
+        false,
+        "CREATE TABLE jit_seen (id bigint PRIMARY KEY, jit text NOT NULL)",
+        r#"
+[projectors.jit]
+tables = ["jit_seen"]
+on.Thing = "INSERT INTO jit_seen (id, jit) VALUES (:position, current_setting('jit'))"
+"#,
+    )
+    .await;
+    add_things(&c, 50).await;
+    c.batch_execute(&format!(
+        "ALTER DATABASE \"{}\" SET jit = on; ALTER DATABASE \"{0}\" SET jit_above_cost = 0",
+        db.name
+    ))
+    .await
+    .unwrap();
+    db.run(&["boot"]).expect(0);
+    assert_eq!(
+        db.count("SELECT count(*) FROM jit_seen WHERE jit = 'off'")
+            .await,
+        50
+    );
+}
