@@ -2,9 +2,12 @@
 //!
 //! - [`sql`]: SQL projectors, compiled into one PL/pgSQL function per
 //!   projector so that a whole batch runs inside PostgreSQL.
+//! - [`set_wise`]: a partitioned projector's statements rewritten to apply a
+//!   wave of events (one per stream) at once.
 //! - [`command`]: command projectors, a child process speaking JSON lines.
 
 pub mod command;
+pub mod set_wise;
 pub mod sql;
 
 use anyhow::Result;

@@ -28,6 +28,10 @@
 //! millions of rows: each later event would scan the whole table. The plans
 //! are therefore made again each time the events handled in the session have
 //! doubled, so they follow the tables' growth at a cost of a few re-plannings.
+//!
+//! A partitioned projector's function first tries the batch set-wise, in
+//! waves of one event per stream (see [`set_wise`]), and falls back to the
+//! event-by-event loop for a batch it cannot apply so.
 
 use std::sync::atomic::{AtomicI64, Ordering};
 
@@ -35,6 +39,7 @@ use anyhow::{Context, Result};
 use tokio_postgres::GenericClient;
 use tokio_postgres::types::Type;
 
+use super::set_wise::{self, CREATE_WAVE_TABLE};
 use crate::db::{RowExt, quote_literal};
 use crate::failure::{HandlerFailure, Origin};
 use crate::manifest::Projector;
@@ -124,10 +129,42 @@ const STAGE_DECODING: i32 = 1;
 /// Events handled before the first re-planning (see the module's doc).
 const REPLAN_AFTER: i64 = 1_000;
 
+/// A batch is applied set-wise when its waves hold this many events on
+/// average: a set-wise statement costs about as much to plan and start as
+/// a dozen events cost event by event (a live tail of a few events, or a
+/// stream with most of a batch's events, runs event by event).
+const WAVE_SIZE: i64 = 32;
+
+/// A failure that is not the handlers': a deadlock, a serialization failure,
+/// or a cancellation that is not the statement's own timeout. It is raised
+/// again and the caller retries the batch. (After its own timeout in the
+/// set-wise attempt, the batch runs event by event with the timeout spent.)
+const NOT_THE_HANDLERS: &str = "pj_sqlstate IN ('40P01', '40001')
+       OR (pj_sqlstate = '57014' AND NOT (current_setting('statement_timeout') NOT IN ('0', '')
+           AND clock_timestamp() - statement_timestamp()
+               >= current_setting('statement_timeout')::interval - interval '50 milliseconds'))";
+
+/// Returns why a statement (with `$1` the wave) does not plan, or NULL.
+const CREATE_PLAN_CHECK: &str =
+    "CREATE OR REPLACE FUNCTION pg_temp.projectionist_plan_error(statement text)
+RETURNS text LANGUAGE plpgsql AS $check$
+BEGIN
+  EXECUTE 'EXPLAIN ' || statement USING 0::bigint;
+  RETURN NULL;
+EXCEPTION WHEN others THEN
+  RETURN SQLERRM;
+END
+$check$";
+
 /// A projector's handlers, compiled for one session.
 pub struct CompiledProjector {
+    projector: String,
     function: String,
     create: String,
+    /// The function that applies batches set-wise first, with the rewritten
+    /// statements, when the projector is partitioned and every statement
+    /// could be rewritten.
+    set_wise: Option<(String, Vec<String>)>,
     /// Events handled in this session, and how many had been when the
     /// session's plans were last made.
     handled: AtomicI64,
@@ -149,6 +186,17 @@ impl CompiledProjector {
                 cases.push_str(";\n");
             }
         }
+        let rewritten = set_wise_statements(projector);
+        let wave_statements: String = rewritten
+            .iter()
+            .flatten()
+            .map(|sql| {
+                format!(
+                    "          EXECUTE {} USING projectionist_wave;\n",
+                    quote_literal(sql)
+                )
+            })
+            .collect();
         let types = projector.event_types();
         let range = store.range("p_after_tx", "p_after", "p_upto_tx", "p_upto");
         let (metadata_raw_type, metadata_raw, metadata) = match &store.metadata {
@@ -159,54 +207,101 @@ impl CompiledProjector {
             ),
             None => ("jsonb".into(), "NULL::jsonb".into(), "NULL".into()),
         };
-        let body = fill(
-            BATCH_FUNCTION,
-            &[
-                ("__DATA_RAW_TYPE__", store.data.type_name.clone()),
-                ("__METADATA_RAW_TYPE__", metadata_raw_type),
-                ("__STAGE_READING__", STAGE_READING.to_string()),
-                ("__STAGE_DECODING__", STAGE_DECODING.to_string()),
-                ("__POSITION__", store.position_expr()),
-                ("__TYPE__", store.type_expr()),
-                ("__STREAM__", store.stream_expr()),
-                ("__TIME__", store.time_expr()),
-                ("__DATA_RAW__", store.data.column()),
-                ("__METADATA_RAW__", metadata_raw),
-                ("__TX__", store.tx_expr()),
-                ("__RELATION__", store.relation()),
-                ("__RANGE__", range),
-                ("__FILTER__", store.filter_expr()),
-                ("__TYPES__", store.type_filter(types.as_deref())),
-                ("__ORDER__", store.order()),
-                ("__DATA__", store.data.decode("projectionist_data_raw")),
-                ("__METADATA__", metadata),
-                ("__CASES__", cases),
-            ],
-        );
-        let mut tag = "$projectionist_body$".to_string();
-        while body.contains(&tag) {
-            tag.insert(tag.len() - 1, 'x');
-        }
-        let create = format!(
-            "CREATE OR REPLACE FUNCTION {function}(\n  p_after_tx xid8, p_after bigint, p_upto_tx xid8, p_upto bigint,\n  \
+        let metadata_set = match &store.metadata {
+            Some(m) => m.decode(&m.column()),
+            None => "NULL::jsonb".into(),
+        };
+        let values = [
+            ("__WAVE_SIZE__", WAVE_SIZE.to_string()),
+            ("__WAVE_STATEMENTS__", wave_statements),
+            ("__NOT_THE_HANDLERS__", NOT_THE_HANDLERS.to_string()),
+            ("__DATA_SET__", store.data.decode(&store.data.column())),
+            ("__METADATA_SET__", metadata_set),
+            ("__DATA_RAW_TYPE__", store.data.type_name.clone()),
+            ("__METADATA_RAW_TYPE__", metadata_raw_type),
+            ("__STAGE_READING__", STAGE_READING.to_string()),
+            ("__STAGE_DECODING__", STAGE_DECODING.to_string()),
+            ("__POSITION__", store.position_expr()),
+            ("__TYPE__", store.type_expr()),
+            ("__STREAM__", store.stream_expr()),
+            ("__TIME__", store.time_expr()),
+            ("__DATA_RAW__", store.data.column()),
+            ("__METADATA_RAW__", metadata_raw),
+            ("__TX__", store.tx_expr()),
+            ("__RELATION__", store.relation()),
+            ("__RANGE__", range),
+            ("__FILTER__", store.filter_expr()),
+            ("__TYPES__", store.type_filter(types.as_deref())),
+            ("__ORDER__", store.order()),
+            ("__DATA__", store.data.decode("projectionist_data_raw")),
+            ("__METADATA__", metadata),
+            ("__CASES__", cases),
+        ];
+        let body = |set_wise: bool| {
+            let mut values = values.to_vec();
+            values.push(("__SET_WISE__", set_wise.to_string()));
+            fill(BATCH_FUNCTION, &values)
+        };
+        let create = |body: String| {
+            let mut tag = "$projectionist_body$".to_string();
+            while body.contains(&tag) {
+                tag.insert(tag.len() - 1, 'x');
+            }
+            format!(
+                "CREATE OR REPLACE FUNCTION {function}(\n  p_after_tx xid8, p_after bigint, p_upto_tx xid8, p_upto bigint,\n  \
              OUT pj_handled bigint, OUT pj_last_ok bigint, OUT pj_last_ok_tx text,\n  \
              OUT pj_failed_position bigint, OUT pj_failed_type text, OUT pj_failed_stream text,\n  \
              OUT pj_sqlstate text, OUT pj_message text, OUT pj_detail text, OUT pj_hint text, OUT pj_context text,\n  \
-             OUT pj_failed_tx text, OUT pj_stage int)\n\
+             OUT pj_failed_tx text, OUT pj_stage int, OUT pj_waves bigint)\n\
              LANGUAGE plpgsql SET jit = off AS {tag}{body}{tag}"
-        );
+            )
+        };
         CompiledProjector {
+            projector: projector.name.clone(),
+            create: create(body(false)),
+            set_wise: rewritten
+                .ok()
+                .map(|statements| (create(body(true)), statements)),
             function,
-            create,
             handled: AtomicI64::new(0),
             planned_at: AtomicI64::new(0),
         }
     }
 
     /// Creates the function in this session (call once per connection).
+    ///
+    /// A set-wise function is created only when each rewritten statement
+    /// plans (`EXPLAIN`s) in this database: a rewrite can be refused where
+    /// the original is fine, e.g. an event value in `ON CONFLICT DO UPDATE`,
+    /// a view as the target of a `MERGE`, or a server before MERGE (15).
     pub async fn install(&self, client: &impl GenericClient) -> Result<()> {
+        let mut create = &self.create;
+        if let Some((set_wise_create, statements)) = &self.set_wise {
+            client
+                .batch_execute(&format!("{CREATE_WAVE_TABLE};\n{CREATE_PLAN_CHECK}"))
+                .await
+                .context("creating the table of a batch's waves")?;
+            let mut refused = None;
+            for statement in statements {
+                let row = client
+                    .query_one("SELECT pg_temp.projectionist_plan_error($1)", &[statement])
+                    .await
+                    .context("planning the set-wise handlers")?;
+                if let Some(error) = row.col::<Option<String>>(0)? {
+                    refused = Some(error);
+                    break;
+                }
+            }
+            match refused {
+                None => create = set_wise_create,
+                Some(error) => tracing::debug!(
+                    "projector `{}` runs event by event: a set-wise statement does not plan: {error}",
+                    self.projector
+                ),
+            }
+        }
         client
-            .batch_execute(&self.create)
+            .batch_execute(create)
             .await
             .context("compiling the handlers into a PL/pgSQL function")
     }
@@ -221,7 +316,7 @@ impl CompiledProjector {
     ) -> Result<BatchOutcome> {
         let sql = format!(
             "SELECT pj_handled, pj_last_ok, pj_last_ok_tx, pj_failed_position, pj_failed_type, \
-             pj_failed_stream, pj_sqlstate, pj_message, pj_detail, pj_hint, pj_context, pj_failed_tx, pj_stage \
+             pj_failed_stream, pj_sqlstate, pj_message, pj_detail, pj_hint, pj_context, pj_failed_tx, pj_stage, pj_waves \
              FROM {}($1::text::xid8, $2, $3::text::xid8, $4)",
             self.function
         );
@@ -240,6 +335,12 @@ impl CompiledProjector {
             .context("running a batch")?;
         let handled: i64 = row.col(0)?;
         self.handled.fetch_add(handled, Ordering::Relaxed);
+        if let Some(waves) = row.col::<Option<i64>>(13)? {
+            tracing::debug!(
+                "projector `{}`: {handled} events applied set-wise, in {waves} waves",
+                self.projector
+            );
+        }
         let Some(message) = row.col::<Option<String>>(7)? else {
             return Ok(BatchOutcome::Done { handled });
         };
@@ -289,6 +390,29 @@ impl CompiledProjector {
             failure: Box::new(failure),
         })
     }
+}
+
+/// A partitioned projector's statements rewritten set-wise, or why they
+/// cannot all be (an unpartitioned projector's handlers may share state
+/// across streams: it always runs event by event).
+fn set_wise_statements(projector: &Projector) -> Result<Vec<String>, String> {
+    if projector.partitions <= 1 {
+        return Err("it is not partitioned".into());
+    }
+    let mut rewritten = Vec::new();
+    for h in &projector.handlers {
+        for s in &h.statements {
+            let sql = set_wise::rewrite(s, &h.event_type).inspect_err(|why| {
+                tracing::debug!(
+                    "projector `{}` runs event by event: a statement of `{}`: {why}",
+                    projector.name,
+                    h.event_type
+                )
+            })?;
+            rewritten.push(sql);
+        }
+    }
+    Ok(rewritten)
 }
 
 /// Fills the `__TOKEN__`s of a template in one pass: the values (the store's

@@ -235,7 +235,7 @@ pub fn written_table(sql: &str) -> Option<String> {
 }
 
 /// The SQL with its literals and comments blanked out (same length).
-fn code_only(sql: &str) -> String {
+pub fn code_only(sql: &str) -> String {
     let mut lexer = Lexer::new(sql);
     let mut code = String::with_capacity(sql.len());
     let mut last = 0;

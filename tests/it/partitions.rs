@@ -1384,3 +1384,205 @@ async fn status_shows_each_part_with_its_position_lag_and_events() {
         flat.stdout
     );
 }
+
+// ---------------------------------------------------------------------------
+// 9. Set-wise batches: waves of one event per stream, one statement per wave.
+
+/// Whether a `-v` run logged a set-wise batch of projector `name`.
+fn applied_set_wise(run: &Run, name: &str) -> bool {
+    run.stderr
+        .lines()
+        .any(|l| l.contains(&format!("projector `{name}`: ")) && l.contains("applied set-wise"))
+}
+
+#[tokio::test]
+async fn a_set_wise_batch_runs_each_statement_once_per_wave_not_once_per_event() {
+    let db = TestDb::new().await;
+    // A statement-level trigger counts the statements that write stream_count.
+    let tables = format!(
+        "{COUNTER_TABLES}; CREATE TABLE statements (n int); \
+         CREATE FUNCTION count_statement() RETURNS trigger LANGUAGE plpgsql AS \
+         $$ BEGIN INSERT INTO statements VALUES (1); RETURN NULL; END $$; \
+         CREATE TRIGGER count_statement AFTER INSERT OR UPDATE ON stream_count \
+         FOR EACH STATEMENT EXECUTE FUNCTION count_statement()"
+    );
+    let c = thing_store(&db, true, &tables, &counter_projector("waves", 2)).await;
+    // 3,000 events of 300 streams, ten each, in one batch: ten waves per part.
+    let h = add_stream_things(&c, 3_000, 300).await;
+    let boot = db.run(&["boot", "-v"]);
+    boot.expect(0);
+    assert!(applied_set_wise(&boot, "waves"), "{}", boot.stderr);
+    assert_parts_at_head(&c, "waves", 2, h).await;
+    assert_every_event_counted_once(&c).await;
+    // An upsert fires the INSERT and the UPDATE statement triggers: two a
+    // statement (event by event: 6,000).
+    let statements = count(&c, "SELECT count(*) FROM statements").await;
+    assert!(
+        statements <= 2 * 10 * 2,
+        "{statements} statements wrote stream_count for 3,000 events: not one per wave and part"
+    );
+}
+
+#[tokio::test]
+async fn a_failing_event_of_a_set_wise_batch_is_named_and_the_events_before_it_are_kept() {
+    let db = TestDb::new().await;
+    let fragile = counter_projector("fragile_waves", 2).replace(
+        "VALUES (:position)",
+        "VALUES (:position + 0 * (1 / (:position - 1500)))",
+    );
+    let c = thing_store(&db, true, COUNTER_TABLES, &fragile).await;
+    let h = add_stream_things(&c, 3_000, 300).await;
+    let failing_part: i32 = c
+        .query_one(
+            &format!(
+                "SELECT {}::int FROM events WHERE id = 1500",
+                part_of("aggregate_id::text", 2)
+            ),
+            &[],
+        )
+        .await
+        .unwrap()
+        .get(0);
+    let boot = db.run(&["boot", "-v"]);
+    boot.expect(1);
+    assert!(
+        boot.stderr
+            .contains("projector `fragile_waves` broke at event #1500 (Thing"),
+        "{}",
+        boot.stderr
+    );
+    assert!(boot.stderr.contains("division by zero"), "{}", boot.stderr);
+    // The events before it were applied set-wise again, without it.
+    assert!(applied_set_wise(&boot, "fragile_waves"), "{}", boot.stderr);
+    // The failing part kept every one of its events before #1500, and no other.
+    let ps = parts(&c, "fragile_waves").await;
+    let part = ps.iter().find(|p| p.partition == failing_part).unwrap();
+    assert_eq!(part.position, 1499, "{ps:?}");
+    let own = |cond: &str| {
+        format!(
+            "SELECT count(*) FROM events WHERE {} = {failing_part} AND {cond}",
+            part_of("aggregate_id::text", 2)
+        )
+    };
+    let seen = count(
+        &c,
+        &format!(
+            "SELECT count(*) FROM stream_seen s JOIN events e USING (id) WHERE {} = {failing_part}",
+            part_of("e.aggregate_id::text", 2)
+        ),
+    )
+    .await;
+    assert_eq!(seen, count(&c, &own("id < 1500")).await);
+    assert!(seen > 0);
+    // Every applied event counted exactly once, whichever part applied it.
+    let wrong = count(
+        &c,
+        "SELECT count(*) FROM ( \
+           (SELECT e.aggregate_id, count(*) FROM stream_seen s JOIN events e USING (id) GROUP BY 1 \
+            EXCEPT ALL SELECT stream, n FROM stream_count) \
+           UNION ALL (SELECT stream, n FROM stream_count EXCEPT ALL \
+            SELECT e.aggregate_id, count(*) FROM stream_seen s JOIN events e USING (id) GROUP BY 1)) d",
+    )
+    .await;
+    assert_eq!(
+        wrong, 0,
+        "a stream's counter differs from the events it saw"
+    );
+
+    // Fixed, the next boot resumes each part where it stopped.
+    db.write_manifest(
+        &std::fs::read_to_string(db.manifest_path())
+            .unwrap()
+            .replace(" + 0 * (1 / (:position - 1500))", ""),
+    );
+    db.run(&["boot"]).expect(0);
+    assert_parts_at_head(&c, "fragile_waves", 2, h).await;
+    assert_every_event_counted_once(&c).await;
+}
+
+#[tokio::test]
+async fn handlers_sharing_a_row_across_streams_run_event_by_event_and_count_exactly() {
+    let db = TestDb::new().await;
+    // Against the partitioning rule (state shared by every stream), yet
+    // exact: two events of a wave meeting on one row make the set-wise
+    // statement fail (a MERGE or an upsert may not touch a row twice), and
+    // the batch runs event by event.
+    let projector = "[projectors.totals]\npartitions = 2\ntables = [\"totals\", \"stream_seen\"]\n\
+        on.Thing = [\"UPDATE totals SET n = n + 1 WHERE k = 'updates'\", \
+        \"INSERT INTO totals VALUES ('upserts', 1) ON CONFLICT (k) DO UPDATE SET n = totals.n + 1\", \
+        \"INSERT INTO stream_seen (id) VALUES (:position)\"]\n";
+    let c = thing_store(
+        &db,
+        true,
+        "CREATE TABLE totals (k text PRIMARY KEY, n bigint NOT NULL); \
+         INSERT INTO totals VALUES ('updates', 0); \
+         CREATE TABLE stream_seen (id bigint PRIMARY KEY)",
+        projector,
+    )
+    .await;
+    let h = add_stream_things(&c, 3_000, 300).await;
+    // The `updates` row is there before the first event: adopted.
+    let boot = db.run(&["boot", "-v", "--adopt", "totals"]);
+    boot.expect(0);
+    assert!(!applied_set_wise(&boot, "totals"), "{}", boot.stderr);
+    assert_parts_at_head(&c, "totals", 2, h).await;
+    for k in ["updates", "upserts"] {
+        assert_eq!(
+            count(&c, &format!("SELECT n FROM totals WHERE k = '{k}'")).await,
+            3_000,
+            "{k}"
+        );
+    }
+    assert_eq!(count(&c, "SELECT count(*) FROM stream_seen").await, 3_000);
+}
+
+#[tokio::test]
+async fn statements_that_cannot_run_set_wise_keep_their_projector_event_by_event() {
+    let db = TestDb::new().await;
+    // An event's value in ON CONFLICT DO UPDATE is refused by PostgreSQL once
+    // set-wise (only the row and EXCLUDED are there); a SELECT runs for its
+    // side effect, once per event.
+    let by_conflict = counter_projector("by_conflict", 2)
+        .replace("stream_count.n + 1", "stream_count.n + 1 + 0 * :position");
+    let by_select = counter_projector("by_select", 2)
+        .replace("stream_count", "select_count")
+        .replace("stream_seen", "select_seen")
+        .replace(
+            "on.Thing = [",
+            "on.Thing = [\"SELECT pg_notify('things', :stream)\", ",
+        );
+    let c = thing_store(
+        &db,
+        true,
+        &format!(
+            "{COUNTER_TABLES}; {}",
+            COUNTER_TABLES
+                .replace("stream_count", "select_count")
+                .replace("stream_seen", "select_seen")
+        ),
+        &format!("{by_conflict}\n{by_select}"),
+    )
+    .await;
+    let h = add_stream_things(&c, 3_000, 300).await;
+    let boot = db.run(&["boot", "-v"]);
+    boot.expect(0);
+    for (name, why) in [
+        ("by_conflict", "a set-wise statement does not plan"),
+        ("by_select", "it is not an INSERT, UPDATE or DELETE"),
+    ] {
+        assert!(!applied_set_wise(&boot, name), "{}", boot.stderr);
+        assert!(
+            boot.stderr.lines().any(|l| l
+                .contains(&format!("projector `{name}` runs event by event"))
+                && l.contains(why)),
+            "{name}: {}",
+            boot.stderr
+        );
+        assert_parts_at_head(&c, name, 2, h).await;
+    }
+    assert_every_event_counted_once(&c).await;
+    assert_eq!(
+        count(&c, "SELECT coalesce(sum(n), 0)::bigint FROM select_count").await,
+        3_000
+    );
+}

@@ -1032,12 +1032,17 @@ impl Shape {
     /// Appends the events i in $1..=$2 (int) in one statement: types Opened,
     /// Renamed and Noted, three streams, metadata missing on every fourth.
     fn insert_sql(&self) -> String {
+        self.insert_sql_over(3)
+    }
+
+    /// [`insert_sql`](Self::insert_sql) over `streams` streams.
+    fn insert_sql_over(&self, streams: u32) -> String {
         let (data_t, meta_t) = self.stored_types();
         let mut cols = vec!["kind"];
         let mut vals = vec!["(ARRAY['Opened', 'Renamed', 'Noted'])[1 + i % 3]".to_string()];
         if self.stream {
             cols.push("stream");
-            vals.push("'s' || i % 3".into());
+            vals.push(format!("'s' || i % {streams}"));
         }
         cols.push("body");
         vals.push(jsonb_as(
@@ -1282,6 +1287,165 @@ async fn shape_view_over_a_table_text_data_with_metadata_and_notify() {
         ..SHAPE
     })
     .await;
+}
+
+/// The handlers of a projector `q` over a shape's events: a log row per
+/// event, and per stream its last name and how many times it was named
+/// (insert on conflict, update, conditional delete).
+fn last_name_projector(q: &str, note: &str, partitions: i32) -> String {
+    let log = format!(
+        "'''INSERT INTO {q}_log VALUES (:position, :type, :stream, :time, :data, :metadata, {note})'''"
+    );
+    format!(
+        "[projectors.{q}]\npartitions = {partitions}\ntables = [\"{q}_log\", \"{q}_last\"]\n\
+         on.Opened = [{log}, '''INSERT INTO {q}_last AS l VALUES (:stream, :data.name, 1) \
+           ON CONFLICT (stream) DO UPDATE SET name = EXCLUDED.name, n = l.n + 1''']\n\
+         on.Renamed = [{log}, '''UPDATE {q}_last SET name = :data.name, n = n + 1 WHERE stream = :stream''']\n\
+         on.Noted = [{log}, '''DELETE FROM {q}_last WHERE stream = :stream AND (:data.i)::int % 4 = 2''']\n"
+    )
+}
+
+/// Over a shape with a stream, a projector in two parts builds exactly what
+/// the same handlers build unpartitioned, its batches applied set-wise (in
+/// waves of one event per stream) from the shape's own columns: payload and
+/// metadata as jsonb, json, text or bytea, time as timestamptz or timestamp,
+/// with or without a transaction column, on a table, a partitioned table, an
+/// inheritance parent or a view.
+async fn set_wise_equals_event_by_event(shape: Shape) {
+    let db = TestDb::new().await;
+    in_kolkata(&db).await;
+    let c = db.client().await;
+    c.batch_execute(&shape.ddl()).await.unwrap();
+    let case = shape.case();
+    let (one, two) = (format!("{}_one", shape.p), format!("{}_two", shape.p));
+    for q in [&one, &two] {
+        c.batch_execute(&format!(
+            "CREATE TABLE {q}_log (position bigint PRIMARY KEY, type text NOT NULL, stream text, \
+               time timestamptz, data jsonb, meta jsonb, note text); \
+             CREATE TABLE {q}_last (stream text PRIMARY KEY, name text, n int NOT NULL)"
+        ))
+        .await
+        .unwrap();
+    }
+    db.write_manifest(&format!(
+        "{}\n{}\n{}",
+        case.store,
+        last_name_projector(&one, &case.note, 1),
+        last_name_projector(&two, &case.note, 2)
+    ));
+    // 2,000 events of 200 streams, ten each: a part's batch is about a
+    // thousand events in ten waves.
+    let insert = shape.insert_sql_over(200);
+    for (a, b) in [(1, 1_200), (1_201, 2_000)] {
+        c.execute(&insert, &[&a, &b]).await.unwrap();
+    }
+    let boot = db.run(&["boot", "-v"]);
+    boot.expect(0);
+    let set_wise = |q: &str| {
+        boot.stderr
+            .lines()
+            .any(|l| l.contains(&format!("projector `{q}`: ")) && l.contains("applied set-wise"))
+    };
+    assert!(
+        set_wise(&two),
+        "`{two}` was not applied set-wise:\n{}",
+        boot.stderr
+    );
+    assert!(
+        !set_wise(&one),
+        "`{one}` is not partitioned:\n{}",
+        boot.stderr
+    );
+    for (table, columns) in [
+        ("log", "position, type, stream, time, data, meta, note"),
+        ("last", "stream, name, n"),
+    ] {
+        let differ = count(
+            &c,
+            &format!(
+                "SELECT count(*) FROM ((SELECT {columns} FROM {one}_{table} EXCEPT ALL SELECT {columns} FROM {two}_{table}) \
+                 UNION ALL (SELECT {columns} FROM {two}_{table} EXCEPT ALL SELECT {columns} FROM {one}_{table})) d"
+            ),
+        )
+        .await;
+        assert_eq!(
+            differ, 0,
+            "{}: {table} differs between event by event and set-wise",
+            shape.p
+        );
+    }
+    assert_eq!(
+        count(&c, &format!("SELECT count(*) FROM {two}_log")).await,
+        2_000
+    );
+    let named = count(&c, &format!("SELECT count(*) FROM {two}_last")).await;
+    assert!(
+        named > 0 && named < 200,
+        "{named} streams named: the deletes did not run"
+    );
+}
+
+#[tokio::test]
+async fn set_wise_batches_over_the_template_shape_with_transaction_and_timestamptz() {
+    set_wise_equals_event_by_event(Shape {
+        p: "sw_plain",
+        tx: true,
+        ..SHAPE
+    })
+    .await;
+}
+
+#[tokio::test]
+async fn set_wise_batches_over_a_table_without_transaction_json_data_utc_time_and_metadata() {
+    set_wise_equals_event_by_event(Shape {
+        p: "sw_json",
+        data: "json",
+        time: Time::Utc,
+        meta: Some("json"),
+        ..SHAPE
+    })
+    .await;
+}
+
+#[tokio::test]
+async fn set_wise_batches_over_bytea_data_and_metadata_without_time() {
+    set_wise_equals_event_by_event(Shape {
+        p: "sw_bytea",
+        data: "bytea",
+        meta: Some("bytea"),
+        time: Time::Absent,
+        ..SHAPE
+    })
+    .await;
+}
+
+#[tokio::test]
+async fn set_wise_batches_over_a_partitioned_table_an_inheritance_parent_and_a_view() {
+    for shape in [
+        Shape {
+            p: "sw_part",
+            rel: Rel::Partitioned,
+            tx: true,
+            split: 900,
+            ..SHAPE
+        },
+        Shape {
+            p: "sw_inh",
+            rel: Rel::Inherited,
+            data: "text",
+            meta: Some("text"),
+            ..SHAPE
+        },
+        Shape {
+            p: "sw_view",
+            rel: Rel::View,
+            data: "text",
+            meta: Some("jsonb"),
+            ..SHAPE
+        },
+    ] {
+        set_wise_equals_event_by_event(shape).await;
+    }
 }
 
 // ---------------------------------------------------------------------------
