@@ -66,8 +66,10 @@ impl ValueNames for Columns {
 /// The statement applied to all events of `event_type` in wave `$1`, or why
 /// it cannot be.
 pub fn rewrite(statement: &Statement, event_type: &str) -> Result<String, String> {
-    let sql = statement.render(&Columns);
-    let sql = sql.trim_end();
+    // A text that ends in a `--` comment must end its line before more SQL
+    // follows; so does each part cut out of it below (none is trimmed).
+    let sql = format!("{}\n", statement.render(&Columns).trim_end());
+    let sql = sql.as_str();
     let words = top_level_words(sql);
     let word = |i: usize| words.get(i).map(|(_, w)| w.as_str());
     let find = |w: &str, from: usize| {
@@ -120,7 +122,7 @@ pub fn rewrite(statement: &Statement, event_type: &str) -> Result<String, String
                 Some("select") => {
                     let query = &sql[start..end];
                     Ok(format!(
-                        "{head}SELECT projectionist_q.* FROM {events} CROSS JOIN LATERAL ({query}\n) projectionist_q \
+                        "{head}SELECT projectionist_q.* FROM {events} CROSS JOIN LATERAL ({query}) projectionist_q \
                          WHERE {wave} ORDER BY {EVENT}.pj_ord {tail}"
                     ))
                 }
@@ -139,11 +141,11 @@ pub fn rewrite(statement: &Statement, event_type: &str) -> Result<String, String
             let target = &sql[words[0].0 + "update".len()..words[set].0];
             let end = condition.map_or(sql.len(), |i| words[i].0);
             let assignments = &sql[words[set].0 + "set".len()..end];
-            let on = condition.map_or("TRUE", |i| &sql[words[i].0 + "where".len()..]);
+            let on = condition.map_or("TRUE\n", |i| &sql[words[i].0 + "where".len()..]);
             Ok(format!(
-                "MERGE INTO {} USING (SELECT * FROM {events} WHERE {wave}) {EVENT} ON ({on}\n) \
+                "MERGE INTO {} USING (SELECT * FROM {events} WHERE {wave}) {EVENT} ON ({on}) \
                  WHEN MATCHED THEN UPDATE SET {assignments}",
-                target.trim()
+                target.trim_start()
             ))
         }
         (Some("delete"), Some("from")) => {
@@ -156,10 +158,10 @@ pub fn rewrite(statement: &Statement, event_type: &str) -> Result<String, String
             let target = &sql[..target_end];
             let others = using.map(|i| {
                 let end = condition.map_or(sql.len(), |c| words[c].0);
-                format!(", {}", &sql[words[i].0 + "using".len()..end])
+                format!(",{}", &sql[words[i].0 + "using".len()..end])
             });
             let filter = condition.map_or(String::new(), |i| {
-                format!(" AND ({}\n)", &sql[words[i].0 + "where".len()..])
+                format!(" AND ({})", &sql[words[i].0 + "where".len()..])
             });
             Ok(format!(
                 "{target} USING {events}{} WHERE {wave}{filter}",
@@ -325,6 +327,41 @@ mod tests {
             "DELETE FROM a USING pg_temp.projectionist_wave projectionist_ev, b WHERE \
              projectionist_ev.pj_wave = $1 AND projectionist_ev.pj_type = 'T' AND ( a.id = b.id AND b.s = projectionist_ev.pj_stream )"
         );
+    }
+
+    #[test]
+    fn aliases_multiple_assignments_and_trailing_comments_are_kept() {
+        let update = set_wise(
+            "UPDATE app.event AS e SET (band, city) = (:data.band, 'x') -- why\nWHERE e.id = :stream::uuid -- which",
+        )
+        .unwrap();
+        assert!(
+            squeeze(&update).starts_with("MERGE INTO app.event AS e USING"),
+            "{update}"
+        );
+        assert!(
+            squeeze(&update).ends_with(
+                "ON ( e.id = projectionist_ev.pj_stream::uuid -- which ) WHEN MATCHED THEN UPDATE SET \
+                 (band, city) = ((projectionist_ev.pj_data #>> '{band}'), 'x') -- why"
+            ),
+            "{update}"
+        );
+        // Each comment still ends at its line's end.
+        assert!(update.contains("-- which\n)"), "{update}");
+        let delete =
+            set_wise("DELETE FROM app.event e WHERE e.id = :stream::uuid -- gone").unwrap();
+        assert!(delete.contains("-- gone\n)"), "{delete}");
+        assert!(
+            squeeze(&delete).starts_with("DELETE FROM app.event e USING"),
+            "{delete}"
+        );
+        let all = set_wise("DELETE FROM app.seen -- everything").unwrap();
+        assert!(
+            all.starts_with("DELETE FROM app.seen -- everything\n USING"),
+            "{all}"
+        );
+        let listed = set_wise("DELETE FROM a USING b -- joined\nWHERE a.id = b.id").unwrap();
+        assert!(listed.contains(", b -- joined\n WHERE"), "{listed}");
     }
 
     #[test]

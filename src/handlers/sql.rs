@@ -183,7 +183,8 @@ impl CompiledProjector {
             for s in &h.statements {
                 cases.push_str("        ");
                 cases.push_str(&plpgsql_statement(s));
-                cases.push_str(";\n");
+                // On a line of its own: the statement may end in a `--` comment.
+                cases.push_str("\n        ;\n");
             }
         }
         let rewritten = set_wise_statements(projector);

@@ -1291,7 +1291,8 @@ async fn shape_view_over_a_table_text_data_with_metadata_and_notify() {
 
 /// The handlers of a projector `q` over a shape's events: a log row per
 /// event, and per stream its last name and how many times it was named
-/// (insert on conflict, update, conditional delete).
+/// (insert on conflict, update, conditional delete; comments that end
+/// lines where the set-wise rewrite cuts the statement).
 fn last_name_projector(q: &str, note: &str, partitions: i32) -> String {
     let log = format!(
         "'''INSERT INTO {q}_log VALUES (:position, :type, :stream, :time, :data, :metadata, {note})'''"
@@ -1300,8 +1301,9 @@ fn last_name_projector(q: &str, note: &str, partitions: i32) -> String {
         "[projectors.{q}]\npartitions = {partitions}\ntables = [\"{q}_log\", \"{q}_last\"]\n\
          on.Opened = [{log}, '''INSERT INTO {q}_last AS l VALUES (:stream, :data.name, 1) \
            ON CONFLICT (stream) DO UPDATE SET name = EXCLUDED.name, n = l.n + 1''']\n\
-         on.Renamed = [{log}, '''UPDATE {q}_last SET name = :data.name, n = n + 1 WHERE stream = :stream''']\n\
-         on.Noted = [{log}, '''DELETE FROM {q}_last WHERE stream = :stream AND (:data.i)::int % 4 = 2''']\n"
+         on.Renamed = [{log}, '''UPDATE {q}_last SET name = :data.name, n = n + 1 -- renamed\n\
+           WHERE stream = :stream -- its own row''']\n\
+         on.Noted = [{log}, '''DELETE FROM {q}_last -- some\nWHERE stream = :stream AND (:data.i)::int % 4 = 2''']\n"
     )
 }
 
