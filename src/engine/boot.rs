@@ -15,7 +15,7 @@ use std::sync::Arc;
 use std::time::{Duration, Instant};
 
 use anyhow::{Context as _, Result};
-use tokio::sync::{OwnedSemaphorePermit, Semaphore, watch};
+use tokio::sync::{OwnedSemaphorePermit, Semaphore, oneshot, watch};
 use tokio_postgres::Client;
 use tokio_util::sync::CancellationToken;
 
@@ -160,13 +160,38 @@ struct Shared {
 
 impl Shared {
     /// A permit to boot (`--jobs`), saying on the bar when it has to wait.
-    async fn turn(&self, bar: &ProjectorProgress) -> Option<OwnedSemaphorePermit> {
-        match self.permits.clone().try_acquire_owned() {
-            Ok(permit) => Some(permit),
-            Err(_) => {
-                bar.waiting(&format!("waiting for its turn (--jobs {})", self.opts.jobs));
-                self.permits.clone().acquire_owned().await.ok()
-            }
+    /// Permits go in the plan's (dependency) order: `before` resolves once
+    /// the projector planned before this one has its permit. Tasks start in
+    /// no set order, so without it a projector could take the last permit
+    /// and wait for one planned before it that has none.
+    async fn turn(
+        &self,
+        bar: &ProjectorProgress,
+        before: oneshot::Receiver<()>,
+    ) -> Option<OwnedSemaphorePermit> {
+        ordered_permit(&self.permits, before, || {
+            bar.waiting(&format!("waiting for its turn (--jobs {})", self.opts.jobs))
+        })
+        .await
+    }
+}
+
+/// A permit of `permits` once `before` has resolved (sent, or dropped by a
+/// task that ended first); `waiting` is called when it has to wait.
+async fn ordered_permit(
+    permits: &Arc<Semaphore>,
+    mut before: oneshot::Receiver<()>,
+    waiting: impl Fn(),
+) -> Option<OwnedSemaphorePermit> {
+    if let Err(oneshot::error::TryRecvError::Empty) = before.try_recv() {
+        waiting();
+        let _ = before.await;
+    }
+    match permits.clone().try_acquire_owned() {
+        Ok(permit) => Some(permit),
+        Err(_) => {
+            waiting();
+            permits.clone().acquire_owned().await.ok()
         }
     }
 }
@@ -484,14 +509,19 @@ async fn run_plan(
         permits: Arc::new(Semaphore::new(opts.jobs.max(1))),
     });
     let mut tasks = tokio::task::JoinSet::new();
-    // Spawned in dependency order: the semaphore is fair, so a projector never
+    // Turns are taken in dependency order (see `turn`): a projector never
     // holds a slot while what it waits for queues behind it.
+    let (first, mut before) = oneshot::channel();
+    let _ = first.send(());
     for selected in plan {
         let ctx = ctx.clone();
         let shared = shared.clone();
         let bar = progress.projector(&selected.projector.name);
+        let (taken, next) = oneshot::channel();
+        let before = std::mem::replace(&mut before, next);
         tasks.spawn(async move {
-            let _permit = shared.turn(&bar).await;
+            let _permit = shared.turn(&bar, before).await;
+            let _ = taken.send(());
             let name = selected.projector.name.clone();
             let task = Booting {
                 ctx: &ctx,
@@ -1255,6 +1285,44 @@ mod tests {
 
     fn rows(list: Vec<LedgerRow>) -> HashMap<String, LedgerRow> {
         list.into_iter().map(|r| (r.name.clone(), r)).collect()
+    }
+
+    #[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+    async fn turns_are_taken_in_plan_order_whichever_task_starts_first() {
+        // One permit; the task planned first starts late. The one planned
+        // after it must not take the permit first (it would wait for the
+        // first one forever while holding it).
+        let permits = Arc::new(Semaphore::new(1));
+        let order = Arc::new(std::sync::Mutex::new(Vec::new()));
+        let (ready, first_before) = oneshot::channel();
+        ready.send(()).unwrap();
+        let (first_taken, second_before) = oneshot::channel();
+        let late = {
+            let (permits, order) = (permits.clone(), order.clone());
+            tokio::spawn(async move {
+                tokio::time::sleep(std::time::Duration::from_millis(200)).await;
+                let permit = ordered_permit(&permits, first_before, || {}).await;
+                let _ = first_taken.send(());
+                order.lock().unwrap().push("first");
+                tokio::time::sleep(std::time::Duration::from_millis(50)).await;
+                drop(permit);
+            })
+        };
+        let waited = Arc::new(std::sync::atomic::AtomicBool::new(false));
+        let early = {
+            let (permits, order, waited) = (permits.clone(), order.clone(), waited.clone());
+            tokio::spawn(async move {
+                let _permit = ordered_permit(&permits, second_before, || {
+                    waited.store(true, std::sync::atomic::Ordering::SeqCst)
+                })
+                .await;
+                order.lock().unwrap().push("second");
+            })
+        };
+        late.await.unwrap();
+        early.await.unwrap();
+        assert_eq!(*order.lock().unwrap(), ["first", "second"]);
+        assert!(waited.load(std::sync::atomic::Ordering::SeqCst));
     }
 
     #[test]
