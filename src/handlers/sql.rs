@@ -193,7 +193,7 @@ impl CompiledProjector {
             .flatten()
             .map(|sql| {
                 format!(
-                    "          EXECUTE {} USING projectionist_wave;\n",
+                    "          EXECUTE {} USING projectionist_wave_number;\n",
                     quote_literal(sql)
                 )
             })
@@ -214,6 +214,7 @@ impl CompiledProjector {
         };
         let values = [
             ("__WAVE_SIZE__", WAVE_SIZE.to_string()),
+            ("__WAVE_TABLE__", set_wise::WAVE_TABLE.to_string()),
             ("__WAVE_STATEMENTS__", wave_statements),
             ("__NOT_THE_HANDLERS__", NOT_THE_HANDLERS.to_string()),
             ("__DATA_SET__", store.data.decode(&store.data.column())),
