@@ -135,10 +135,14 @@ const REPLAN_AFTER: i64 = 1_000;
 /// stream with most of a batch's events, runs event by event).
 const WAVE_SIZE: i64 = 32;
 
+/// `pj_waves` of a batch whose set-wise attempt ran out of the statement's
+/// own timeout: nothing is applied, and the batch is run again event by
+/// event in a new statement, whose timeout then names the slow event.
+const TIMED_OUT_SET_WISE: i64 = -1;
+
 /// A failure that is not the handlers': a deadlock, a serialization failure,
 /// or a cancellation that is not the statement's own timeout. It is raised
-/// again and the caller retries the batch. (After its own timeout in the
-/// set-wise attempt, the batch runs event by event with the timeout spent.)
+/// again and the caller retries the batch.
 const NOT_THE_HANDLERS: &str = "pj_sqlstate IN ('40P01', '40001')
        OR (pj_sqlstate = '57014' AND NOT (current_setting('statement_timeout') NOT IN ('0', '')
            AND clock_timestamp() - statement_timestamp()
@@ -217,6 +221,7 @@ impl CompiledProjector {
             ("__WAVE_TABLE__", set_wise::WAVE_TABLE.to_string()),
             ("__WAVE_STATEMENTS__", wave_statements),
             ("__NOT_THE_HANDLERS__", NOT_THE_HANDLERS.to_string()),
+            ("__TIMED_OUT__", TIMED_OUT_SET_WISE.to_string()),
             ("__DATA_SET__", store.data.decode(&store.data.column())),
             ("__METADATA_SET__", metadata_set),
             ("__DATA_RAW_TYPE__", store.data.type_name.clone()),
@@ -250,7 +255,7 @@ impl CompiledProjector {
                 tag.insert(tag.len() - 1, 'x');
             }
             format!(
-                "CREATE OR REPLACE FUNCTION {function}(\n  p_after_tx xid8, p_after bigint, p_upto_tx xid8, p_upto bigint,\n  \
+                "CREATE OR REPLACE FUNCTION {function}(\n  p_after_tx xid8, p_after bigint, p_upto_tx xid8, p_upto bigint, p_set_wise boolean,\n  \
              OUT pj_handled bigint, OUT pj_last_ok bigint, OUT pj_last_ok_tx text,\n  \
              OUT pj_failed_position bigint, OUT pj_failed_type text, OUT pj_failed_stream text,\n  \
              OUT pj_sqlstate text, OUT pj_message text, OUT pj_detail text, OUT pj_hint text, OUT pj_context text,\n  \
@@ -319,7 +324,7 @@ impl CompiledProjector {
         let sql = format!(
             "SELECT pj_handled, pj_last_ok, pj_last_ok_tx, pj_failed_position, pj_failed_type, \
              pj_failed_stream, pj_sqlstate, pj_message, pj_detail, pj_hint, pj_context, pj_failed_tx, pj_stage, pj_waves \
-             FROM {}($1::text::xid8, $2, $3::text::xid8, $4)",
+             FROM {}($1::text::xid8, $2, $3::text::xid8, $4, $5)",
             self.function
         );
         let handled = self.handled.load(Ordering::Relaxed);
@@ -331,18 +336,34 @@ impl CompiledProjector {
             self.planned_at.store(handled, Ordering::Relaxed);
         }
         let after_tx = after.tx_text().or_else(|| Some("0".into()));
-        let row = client
-            .query_one(&sql, &[&after_tx, &after.id, &upto.tx_text(), &upto.id])
-            .await
-            .context("running a batch")?;
+        let upto_tx = upto.tx_text();
+        let mut set_wise = true;
+        let row = loop {
+            let row = client
+                .query_one(&sql, &[&after_tx, &after.id, &upto_tx, &upto.id, &set_wise])
+                .await
+                .context("running a batch")?;
+            match row.col::<Option<i64>>(13)? {
+                Some(TIMED_OUT_SET_WISE) => {
+                    tracing::debug!(
+                        "projector `{}`: the batch ran out of its statement timeout set-wise; it runs again event by event",
+                        self.projector
+                    );
+                    set_wise = false;
+                }
+                Some(waves) => {
+                    tracing::debug!(
+                        "projector `{}`: {} events applied set-wise, in {waves} waves",
+                        self.projector,
+                        row.col::<i64>(0)?
+                    );
+                    break row;
+                }
+                None => break row,
+            }
+        };
         let handled: i64 = row.col(0)?;
         self.handled.fetch_add(handled, Ordering::Relaxed);
-        if let Some(waves) = row.col::<Option<i64>>(13)? {
-            tracing::debug!(
-                "projector `{}`: {handled} events applied set-wise, in {waves} waves",
-                self.projector
-            );
-        }
         let Some(message) = row.col::<Option<String>>(7)? else {
             return Ok(BatchOutcome::Done { handled });
         };

@@ -1501,6 +1501,74 @@ async fn a_failing_event_of_a_set_wise_batch_is_named_and_the_events_before_it_a
 }
 
 #[tokio::test]
+async fn a_statement_timeout_in_a_set_wise_batch_names_the_slow_event_and_bounds_the_batch() {
+    let db = TestDb::new().await;
+    // Event #1500 sleeps 3 s; the sessions' statement timeout is 1 s. Set-wise,
+    // its wave times out; the batch must not then run on with the timeout
+    // spent (it would sleep and succeed), but time out event by event at #1500.
+    let slow = counter_projector("slow_waves", 2).replace(
+        "VALUES (:position)",
+        "VALUES (:position + coalesce(length(CASE WHEN :position = 1500 THEN pg_sleep(3)::text END), 0))",
+    );
+    let c = thing_store(&db, true, COUNTER_TABLES, &slow).await;
+    add_stream_things(&c, 3_000, 300).await;
+    let slow_part: i32 = c
+        .query_one(
+            &format!(
+                "SELECT {}::int FROM events WHERE id = 1500",
+                part_of("aggregate_id::text", 2)
+            ),
+            &[],
+        )
+        .await
+        .unwrap()
+        .get(0);
+    let boot = Run::from(
+        db.command(&["boot", "-v"])
+            .env(
+                "DATABASE_URL",
+                format!("{}?options=-c%20statement_timeout%3D1000", db.url),
+            )
+            .output()
+            .unwrap(),
+    );
+    boot.expect(1);
+    assert!(
+        boot.stderr
+            .contains("ran out of its statement timeout set-wise; it runs again event by event"),
+        "{}",
+        boot.stderr
+    );
+    assert!(
+        boot.stderr
+            .contains("projector `slow_waves` broke at event #1500 (Thing"),
+        "{}",
+        boot.stderr
+    );
+    assert!(boot.stderr.contains("statement timeout"), "{}", boot.stderr);
+    let ps = parts(&c, "slow_waves").await;
+    let part = ps.iter().find(|p| p.partition == slow_part).unwrap();
+    assert_eq!(part.position, 1499, "{ps:?}");
+    let kept = count(
+        &c,
+        &format!(
+            "SELECT count(*) FROM stream_seen s JOIN events e USING (id) WHERE {} = {slow_part}",
+            part_of("e.aggregate_id::text", 2)
+        ),
+    )
+    .await;
+    let before = count(
+        &c,
+        &format!(
+            "SELECT count(*) FROM events WHERE {} = {slow_part} AND id < 1500",
+            part_of("aggregate_id::text", 2)
+        ),
+    )
+    .await;
+    assert_eq!(kept, before);
+}
+
+#[tokio::test]
 async fn handlers_sharing_a_row_across_streams_run_event_by_event_and_count_exactly() {
     let db = TestDb::new().await;
     // Against the partitioning rule (state shared by every stream), yet
