@@ -1389,6 +1389,44 @@ async fn status_shows_each_part_with_its_position_lag_and_events() {
 // 9. Set-wise batches: waves of one event per stream, one statement per wave.
 
 /// Whether a `-v` run logged a set-wise batch of projector `name`.
+/// Asserts that the part of the 2-part counter projector `name` holding event
+/// #`at` stopped just before it, having applied exactly its own events before
+/// it; returns how many.
+async fn assert_part_kept_only_before(c: &Client, name: &str, at: i64) -> i64 {
+    let part_index: i32 = c
+        .query_one(
+            &format!(
+                "SELECT {}::int FROM events WHERE id = {at}",
+                part_of("aggregate_id::text", 2)
+            ),
+            &[],
+        )
+        .await
+        .unwrap()
+        .get(0);
+    let ps = parts(c, name).await;
+    let part = ps.iter().find(|p| p.partition == part_index).unwrap();
+    assert_eq!(part.position, at - 1, "{ps:?}");
+    let kept = count(
+        c,
+        &format!(
+            "SELECT count(*) FROM stream_seen s JOIN events e USING (id) WHERE {} = {part_index}",
+            part_of("e.aggregate_id::text", 2)
+        ),
+    )
+    .await;
+    let before = count(
+        c,
+        &format!(
+            "SELECT count(*) FROM events WHERE {} = {part_index} AND id < {at}",
+            part_of("aggregate_id::text", 2)
+        ),
+    )
+    .await;
+    assert_eq!(kept, before);
+    kept
+}
+
 fn applied_set_wise(run: &Run, name: &str) -> bool {
     run.stderr
         .lines()
@@ -1432,17 +1470,6 @@ async fn a_failing_event_of_a_set_wise_batch_is_named_and_the_events_before_it_a
     );
     let c = thing_store(&db, true, COUNTER_TABLES, &fragile).await;
     let h = add_stream_things(&c, 3_000, 300).await;
-    let failing_part: i32 = c
-        .query_one(
-            &format!(
-                "SELECT {}::int FROM events WHERE id = 1500",
-                part_of("aggregate_id::text", 2)
-            ),
-            &[],
-        )
-        .await
-        .unwrap()
-        .get(0);
     let boot = db.run(&["boot", "-v"]);
     boot.expect(1);
     assert!(
@@ -1455,24 +1482,7 @@ async fn a_failing_event_of_a_set_wise_batch_is_named_and_the_events_before_it_a
     // The events before it were applied set-wise again, without it.
     assert!(applied_set_wise(&boot, "fragile_waves"), "{}", boot.stderr);
     // The failing part kept every one of its events before #1500, and no other.
-    let ps = parts(&c, "fragile_waves").await;
-    let part = ps.iter().find(|p| p.partition == failing_part).unwrap();
-    assert_eq!(part.position, 1499, "{ps:?}");
-    let own = |cond: &str| {
-        format!(
-            "SELECT count(*) FROM events WHERE {} = {failing_part} AND {cond}",
-            part_of("aggregate_id::text", 2)
-        )
-    };
-    let seen = count(
-        &c,
-        &format!(
-            "SELECT count(*) FROM stream_seen s JOIN events e USING (id) WHERE {} = {failing_part}",
-            part_of("e.aggregate_id::text", 2)
-        ),
-    )
-    .await;
-    assert_eq!(seen, count(&c, &own("id < 1500")).await);
+    let seen = assert_part_kept_only_before(&c, "fragile_waves", 1500).await;
     assert!(seen > 0);
     // Every applied event counted exactly once, whichever part applied it.
     let wrong = count(
@@ -1512,26 +1522,7 @@ async fn a_statement_timeout_in_a_set_wise_batch_names_the_slow_event_and_bounds
     );
     let c = thing_store(&db, true, COUNTER_TABLES, &slow).await;
     add_stream_things(&c, 3_000, 300).await;
-    let slow_part: i32 = c
-        .query_one(
-            &format!(
-                "SELECT {}::int FROM events WHERE id = 1500",
-                part_of("aggregate_id::text", 2)
-            ),
-            &[],
-        )
-        .await
-        .unwrap()
-        .get(0);
-    let boot = Run::from(
-        db.command(&["boot", "-v"])
-            .env(
-                "DATABASE_URL",
-                format!("{}?options=-c%20statement_timeout%3D1000", db.url),
-            )
-            .output()
-            .unwrap(),
-    );
+    let boot = db.run_with_server_option(&["boot", "-v"], "statement_timeout%3D1000");
     boot.expect(1);
     assert!(
         boot.stderr
@@ -1546,26 +1537,7 @@ async fn a_statement_timeout_in_a_set_wise_batch_names_the_slow_event_and_bounds
         boot.stderr
     );
     assert!(boot.stderr.contains("statement timeout"), "{}", boot.stderr);
-    let ps = parts(&c, "slow_waves").await;
-    let part = ps.iter().find(|p| p.partition == slow_part).unwrap();
-    assert_eq!(part.position, 1499, "{ps:?}");
-    let kept = count(
-        &c,
-        &format!(
-            "SELECT count(*) FROM stream_seen s JOIN events e USING (id) WHERE {} = {slow_part}",
-            part_of("e.aggregate_id::text", 2)
-        ),
-    )
-    .await;
-    let before = count(
-        &c,
-        &format!(
-            "SELECT count(*) FROM events WHERE {} = {slow_part} AND id < 1500",
-            part_of("aggregate_id::text", 2)
-        ),
-    )
-    .await;
-    assert_eq!(kept, before);
+    assert_part_kept_only_before(&c, "slow_waves", 1500).await;
 }
 
 #[tokio::test]

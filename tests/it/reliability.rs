@@ -209,7 +209,7 @@ async fn a_statement_timeout_in_a_handler_is_a_handler_failure_with_a_clear_mess
     db.write_manifest(&format!(
         "{THINGS_STORE}\n[projectors.slow]\ntables = [\"slow\"]\non.Thing = [\"SELECT CASE WHEN :position = 7 THEN pg_sleep(5) END\", \"INSERT INTO slow VALUES (:position)\"]\n"
     ));
-    let run = boot_with_server_option(&db, "statement_timeout%3D1000");
+    let run = db.run_with_server_option(&["boot"], "statement_timeout%3D1000");
     run.expect(1);
     assert!(
         run.stderr.contains("broke at event #7 (Thing"),
@@ -314,7 +314,7 @@ async fn a_lock_timeout_in_a_handler_is_a_handler_failure() {
         .batch_execute("BEGIN; SELECT * FROM counter FOR UPDATE")
         .await
         .unwrap();
-    let run = boot_with_server_option(&db, "lock_timeout%3D300");
+    let run = db.run_with_server_option(&["boot"], "lock_timeout%3D300");
     run.expect(1);
     assert!(
         run.stderr.contains("broke at event #1 (Thing"),
@@ -356,15 +356,4 @@ async fn sigkill_during_the_alert_command_loses_nothing() {
     );
     db.run(&["boot"]).expect(0);
     assert_eq!(db.count("SELECT count(*) FROM thing_log").await, 1_000);
-}
-
-/// `boot` with a server setting passed in the URL (`options=-c name%3Dvalue`).
-fn boot_with_server_option(db: &TestDb, setting: &str) -> Run {
-    let url = format!("{}?options=-c%20{setting}", db.url);
-    Run::from(
-        db.command(&["boot"])
-            .env("DATABASE_URL", url)
-            .output()
-            .unwrap(),
-    )
 }

@@ -199,6 +199,18 @@ impl TestDb {
         Run::from(self.command(args).output().unwrap())
     }
 
+    /// Runs the binary with a server setting passed in the URL
+    /// (`options=-c name%3Dvalue`), so every session it opens has it.
+    pub fn run_with_server_option(&self, args: &[&str], setting: &str) -> Run {
+        let url = format!("{}?options=-c%20{setting}", self.url);
+        Run::from(
+            self.command(args)
+                .env("DATABASE_URL", url)
+                .output()
+                .unwrap(),
+        )
+    }
+
     /// (state, position) of a projector's ledger row.
     pub async fn ledger(&self, name: &str) -> Option<(String, i64)> {
         super::ledger(&self.client().await, name).await
