@@ -7,6 +7,9 @@
 //! still the one this runner plays (its version, its state, its position):
 //! a runner left over from an older deploy, or one that lost a race, leaves
 //! the projector alone instead of writing into it.
+//!
+//! A booting SQL projector's batches commit asynchronously (see
+//! [`Player::batch`]); play's and command projectors' wait for the disk.
 
 use anyhow::{Context as _, Result};
 use chrono::{DateTime, Utc};
@@ -113,6 +116,18 @@ impl Player<'_> {
         }
         if let Some(why) = self.stale(&tx, range.from).await? {
             return Ok(Batch::Stale(why));
+        }
+        if self.state == State::Booting && matches!(runner, Runner::Sql(_)) {
+            // A booting read model is not yet what readers rely on, and its
+            // handlers' writes commit with the position in one transaction:
+            // a server crash can only lose the last batches whole, and the
+            // next run replays them. So its commits need not wait for the
+            // disk: boot keeps its CPUs busy instead. The run's last ledger
+            // write (live, finished, stalled) waits as usual, which makes
+            // every batch before it durable; so does a failure's record.
+            tx.batch_execute("SET LOCAL synchronous_commit = off")
+                .await
+                .context("letting the batch commit without waiting for the disk")?;
         }
         let open = Open {
             tx,
@@ -313,6 +328,11 @@ impl Player<'_> {
             .ledger
             .record_failure(&open.tx, &self.subject(), self.run, &failure, kind)
             .await?;
+        // A failure is reported to whoever runs the boot: it waits for the disk.
+        open.tx
+            .batch_execute("SET LOCAL synchronous_commit TO DEFAULT")
+            .await
+            .context("recording the failure")?;
         let mut kept = kept;
         if open.on_failure == OnFailure::Skip {
             let past = failure.at();

@@ -408,3 +408,54 @@ on.Thing = "INSERT INTO jit_seen (id, jit) VALUES (:position, current_setting('j
         50
     );
 }
+
+#[tokio::test]
+async fn booting_batches_commit_without_waiting_for_the_disk_and_play_s_wait() {
+    // A booting read model is not yet what readers rely on, and a server
+    // crash can only lose its last batches whole: boot commits them
+    // asynchronously. Play's batches wait for the disk, as the server says.
+    let db = TestDb::new().await;
+    let c = thing_store(
+        &db,
+        false,
+        "CREATE TABLE commit_seen (id bigint PRIMARY KEY, mode text NOT NULL)",
+        r#"
+[projectors.commits]
+tables = ["commit_seen"]
+on.Thing = "INSERT INTO commit_seen (id, mode) VALUES (:position, current_setting('synchronous_commit'))"
+"#,
+    )
+    .await;
+    let booted = add_things(&c, 50).await;
+    db.run(&["boot"]).expect(0);
+    assert_eq!(
+        db.count("SELECT count(*) FROM commit_seen WHERE mode = 'off'")
+            .await,
+        50
+    );
+
+    c.batch_execute(&format!(
+        "ALTER DATABASE \"{}\" SET synchronous_commit = local",
+        db.name
+    ))
+    .await
+    .unwrap();
+    let mut play = Player::start(&db, "commits", &["--poll", "100ms"]);
+    let h = add_things(&c, 5).await;
+    wait_for("play to reach the head", PATIENCE, &[&play], async || {
+        position(&c, "commits").await == h
+    })
+    .await;
+    play.stop();
+    let played: Vec<String> = c
+        .query(
+            "SELECT DISTINCT mode FROM commit_seen WHERE id > $1",
+            &[&booted],
+        )
+        .await
+        .unwrap()
+        .iter()
+        .map(|r| r.get(0))
+        .collect();
+    assert_eq!(played, ["local"]);
+}

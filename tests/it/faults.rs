@@ -1107,6 +1107,40 @@ async fn a_server_shut_down_during_boot_exits_3_and_the_next_boot_resumes_exactl
 }
 
 #[tokio::test]
+async fn a_server_crash_during_boot_loses_only_whole_batches_and_the_next_boot_resumes_exactly_once()
+ {
+    // Boot's batches commit without waiting for the disk: a crash may lose
+    // the last of them, but each with its position, never half of one.
+    let cluster = Cluster::start();
+    let db = cluster.test_db().await;
+    let c = counters(&db, &["crash_boot"], 0.002, 3_000, "", "").await;
+    let boot = Proc::start(&db, "boot", &db.url, &["boot", "--batch-size", "50"]);
+    wait_for("boot to be under way", PATIENCE, &[], async || {
+        position(&c, "crash_boot").await >= 300
+    })
+    .await;
+    cluster.stop_immediate();
+    let (run, _) = boot.finish(Duration::from_secs(60)).await;
+    run.expect(3);
+    assert!(!run.stderr.contains("broke at"), "{}", run.stderr);
+
+    cluster.start_again();
+    let c = db.client().await;
+    assert_eq!(
+        ledger(&c, "crash_boot").await.unwrap().0,
+        "booting",
+        "not broken"
+    );
+    assert_eq!(failures(&c).await, 0, "nothing recorded as a failure");
+    let p = assert_whole_batches(&c, "crash_boot").await;
+    assert!(p < 3_000, "stopped at {p}");
+    set_pace(&c, 0.0).await;
+    db.run(&["--session-timeout", SESSION_TIMEOUT, "boot"])
+        .expect(0);
+    assert_exactly_once(&c, "crash_boot", 3_000, 3_000).await;
+}
+
+#[tokio::test]
 async fn play_rides_out_a_server_restart_and_every_event_lands_exactly_once() {
     let cluster = Cluster::start();
     let db = cluster.test_db().await;
