@@ -118,11 +118,12 @@ impl Player<'_> {
             return Ok(Batch::Stale(why));
         }
         if self.state == State::Booting && matches!(runner, Runner::Sql(_)) {
-            // A booting read model is not yet what readers rely on, and its
-            // handlers' writes commit with the position in one transaction:
-            // a server crash can only lose the last batches whole, and the
-            // next run replays them. So its commits need not wait for the
-            // disk: boot keeps its CPUs busy instead. The run's last ledger
+            // The handlers' writes commit with the position in one
+            // transaction: a server crash can only take back the last
+            // batches whole (the tables step back to an earlier position),
+            // and the next boot replays them. A booting projector is not (or
+            // no longer) up to date for its readers anyway, so its commits
+            // need not wait for the disk: boot keeps its CPUs busy instead. The run's last ledger
             // write (live, finished, stalled) waits as usual, which makes
             // every batch before it durable; so does a failure's record.
             tx.batch_execute("SET LOCAL synchronous_commit = off")
