@@ -411,9 +411,9 @@ on.Thing = "INSERT INTO jit_seen (id, jit) VALUES (:position, current_setting('j
 
 #[tokio::test]
 async fn booting_batches_commit_without_waiting_for_the_disk_and_play_s_wait() {
-    // A booting read model is not yet what readers rely on, and a server
-    // crash can only lose its last batches whole: boot commits them
-    // asynchronously. Play's batches wait for the disk, as the server says.
+    // A server crash can only take back a booting projector's last batches
+    // whole: boot commits them asynchronously. Play's batches wait for the
+    // disk, as the server is configured.
     let db = TestDb::new().await;
     let c = thing_store(
         &db,

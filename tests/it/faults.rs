@@ -1068,21 +1068,26 @@ async fn a_batch_cancelled_from_outside_in_play_is_retried_and_never_a_handler_f
 // ---------------------------------------------------------------------------
 // 4. The server goes away: shut down, restarted, not up yet, full.
 
-#[tokio::test]
-async fn a_server_shut_down_during_boot_exits_3_and_the_next_boot_resumes_exactly_once() {
+/// Boots a slow counter projector `name` over 3,000 Things on a private
+/// server and, once 300 are in, stops the server with `stop`. Whatever the
+/// stop, boot exits 3, the projector is still booting with no failure
+/// recorded, and its counter matches its committed position (whole batches);
+/// the next boot then applies every event exactly once. Returns the position
+/// boot had committed when the server went.
+async fn boot_through_a_server_stop(name: &str, stop: impl FnOnce(&Cluster)) -> i64 {
     let cluster = Cluster::start();
     let db = cluster.test_db().await;
-    let c = counters(&db, &["fs_boot"], 0.002, 3_000, "", "").await;
+    let c = counters(&db, &[name], 0.002, 3_000, "", "").await;
     let boot = Proc::start(&db, "boot", &db.url, &["boot", "--batch-size", "50"]);
     wait_for("boot to be under way", PATIENCE, &[], async || {
-        position(&c, "fs_boot").await >= 300
+        position(&c, name).await >= 300
     })
     .await;
     let stopping = Instant::now();
-    cluster.stop_fast();
+    stop(&cluster);
     let (run, exited) = boot.finish(Duration::from_secs(60)).await;
     eprintln!(
-        "boot exited {} {:?} after the shutdown began\n{}",
+        "boot exited {} {:?} after the server began to stop\n{}",
         run.code,
         exited - stopping,
         run.stderr
@@ -1092,18 +1097,20 @@ async fn a_server_shut_down_during_boot_exits_3_and_the_next_boot_resumes_exactl
 
     cluster.start_again();
     let c = db.client().await;
-    assert_eq!(
-        ledger(&c, "fs_boot").await.unwrap().0,
-        "booting",
-        "not broken"
-    );
+    assert_eq!(ledger(&c, name).await.unwrap().0, "booting", "not broken");
     assert_eq!(failures(&c).await, 0, "nothing recorded as a failure");
-    let p = assert_whole_batches(&c, "fs_boot").await;
-    assert!((300..3_000).contains(&p), "stopped at {p}");
+    let p = assert_whole_batches(&c, name).await;
     set_pace(&c, 0.0).await;
     db.run(&["--session-timeout", SESSION_TIMEOUT, "boot"])
         .expect(0);
-    assert_exactly_once(&c, "fs_boot", 3_000, 3_000).await;
+    assert_exactly_once(&c, name, 3_000, 3_000).await;
+    p
+}
+
+#[tokio::test]
+async fn a_server_shut_down_during_boot_exits_3_and_the_next_boot_resumes_exactly_once() {
+    let p = boot_through_a_server_stop("fs_boot", Cluster::stop_fast).await;
+    assert!((300..3_000).contains(&p), "stopped at {p}");
 }
 
 #[tokio::test]
@@ -1111,33 +1118,8 @@ async fn a_server_crash_during_boot_loses_only_whole_batches_and_the_next_boot_r
  {
     // Boot's batches commit without waiting for the disk: a crash may lose
     // the last of them, but each with its position, never half of one.
-    let cluster = Cluster::start();
-    let db = cluster.test_db().await;
-    let c = counters(&db, &["crash_boot"], 0.002, 3_000, "", "").await;
-    let boot = Proc::start(&db, "boot", &db.url, &["boot", "--batch-size", "50"]);
-    wait_for("boot to be under way", PATIENCE, &[], async || {
-        position(&c, "crash_boot").await >= 300
-    })
-    .await;
-    cluster.stop_immediate();
-    let (run, _) = boot.finish(Duration::from_secs(60)).await;
-    run.expect(3);
-    assert!(!run.stderr.contains("broke at"), "{}", run.stderr);
-
-    cluster.start_again();
-    let c = db.client().await;
-    assert_eq!(
-        ledger(&c, "crash_boot").await.unwrap().0,
-        "booting",
-        "not broken"
-    );
-    assert_eq!(failures(&c).await, 0, "nothing recorded as a failure");
-    let p = assert_whole_batches(&c, "crash_boot").await;
+    let p = boot_through_a_server_stop("crash_boot", Cluster::stop_immediate).await;
     assert!(p < 3_000, "stopped at {p}");
-    set_pace(&c, 0.0).await;
-    db.run(&["--session-timeout", SESSION_TIMEOUT, "boot"])
-        .expect(0);
-    assert_exactly_once(&c, "crash_boot", 3_000, 3_000).await;
 }
 
 #[tokio::test]
