@@ -1,6 +1,8 @@
 //! `boot` against a real PostgreSQL: run modes, failure semantics, crash
 //! safety and concurrency.
 
+use tokio_postgres::Client;
+
 use crate::harness::*;
 
 #[tokio::test]
@@ -377,33 +379,42 @@ async fn handler_plans_follow_a_read_model_that_grows_during_boot() {
     );
 }
 
+/// A store with a projector `name` whose handler records, for each event, the
+/// value of the server setting `setting` it runs under (`setting_seen`).
+async fn setting_seen_store(db: &TestDb, name: &str, setting: &str) -> Client {
+    thing_store(
+        db,
+        false,
+        "CREATE TABLE setting_seen (id bigint PRIMARY KEY, value text NOT NULL)",
+        &format!(
+            "[projectors.{name}]\ntables = [\"setting_seen\"]\n\
+             on.Thing = \"INSERT INTO setting_seen (id, value) VALUES (:position, current_setting('{setting}'))\"\n"
+        ),
+    )
+    .await
+}
+
+/// Sets the test database's defaults for the sessions that start after.
+async fn set_database_defaults(c: &Client, db: &TestDb, settings: &[&str]) {
+    for setting in settings {
+        c.batch_execute(&format!("ALTER DATABASE \"{}\" SET {setting}", db.name))
+            .await
+            .unwrap();
+    }
+}
+
 #[tokio::test]
 async fn batches_run_without_jit_whatever_the_server_says() {
     // The planner cannot estimate a batch's range: on a big store it costs the
     // reading as a large scan, and JIT would compile it for every batch. Here
     // JIT is asked for on every statement; the handlers see it off.
     let db = TestDb::new().await;
-    let c = thing_store(
-        &db,
-        false,
-        "CREATE TABLE jit_seen (id bigint PRIMARY KEY, jit text NOT NULL)",
-        r#"
-[projectors.jit]
-tables = ["jit_seen"]
-on.Thing = "INSERT INTO jit_seen (id, jit) VALUES (:position, current_setting('jit'))"
-"#,
-    )
-    .await;
+    let c = setting_seen_store(&db, "jit", "jit").await;
     add_things(&c, 50).await;
-    c.batch_execute(&format!(
-        "ALTER DATABASE \"{}\" SET jit = on; ALTER DATABASE \"{0}\" SET jit_above_cost = 0",
-        db.name
-    ))
-    .await
-    .unwrap();
+    set_database_defaults(&c, &db, &["jit = on", "jit_above_cost = 0"]).await;
     db.run(&["boot"]).expect(0);
     assert_eq!(
-        db.count("SELECT count(*) FROM jit_seen WHERE jit = 'off'")
+        db.count("SELECT count(*) FROM setting_seen WHERE value = 'off'")
             .await,
         50
     );
@@ -415,31 +426,16 @@ async fn booting_batches_commit_without_waiting_for_the_disk_and_play_s_wait() {
     // whole: boot commits them asynchronously. Play's batches wait for the
     // disk, as the server is configured.
     let db = TestDb::new().await;
-    let c = thing_store(
-        &db,
-        false,
-        "CREATE TABLE commit_seen (id bigint PRIMARY KEY, mode text NOT NULL)",
-        r#"
-[projectors.commits]
-tables = ["commit_seen"]
-on.Thing = "INSERT INTO commit_seen (id, mode) VALUES (:position, current_setting('synchronous_commit'))"
-"#,
-    )
-    .await;
+    let c = setting_seen_store(&db, "commits", "synchronous_commit").await;
     let booted = add_things(&c, 50).await;
     db.run(&["boot"]).expect(0);
     assert_eq!(
-        db.count("SELECT count(*) FROM commit_seen WHERE mode = 'off'")
+        db.count("SELECT count(*) FROM setting_seen WHERE value = 'off'")
             .await,
         50
     );
 
-    c.batch_execute(&format!(
-        "ALTER DATABASE \"{}\" SET synchronous_commit = local",
-        db.name
-    ))
-    .await
-    .unwrap();
+    set_database_defaults(&c, &db, &["synchronous_commit = local"]).await;
     let mut play = Player::start(&db, "commits", &["--poll", "100ms"]);
     let h = add_things(&c, 5).await;
     wait_for("play to reach the head", PATIENCE, &[&play], async || {
@@ -449,7 +445,7 @@ on.Thing = "INSERT INTO commit_seen (id, mode) VALUES (:position, current_settin
     play.stop();
     let played: Vec<String> = c
         .query(
-            "SELECT DISTINCT mode FROM commit_seen WHERE id > $1",
+            "SELECT DISTINCT value FROM setting_seen WHERE id > $1",
             &[&booted],
         )
         .await
