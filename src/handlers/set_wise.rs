@@ -6,8 +6,9 @@
 //! therefore applied in waves: wave k holds the k-th event of each stream in
 //! the batch, and each handler statement runs once per wave over all its
 //! events of that type, instead of once per event. The batch function fills
-//! `pg_temp.projectionist_wave` (one row per event, decoded) and runs the
-//! statements below with the wave number as `$1`.
+//! `pg_temp.projectionist_wave` (one row per event, with the decoded values
+//! the projector's handlers read, the others NULL) and runs the statements
+//! below with the wave number as `$1`.
 //!
 //! The rewrites keep the statement's own SQL:
 //! - `INSERT … VALUES (row)` selects the row from the wave's events;
@@ -40,7 +41,7 @@ pub const WAVE_TABLE: &str = "pg_temp.projectionist_wave";
 /// `stream`, `time`) must still mean its own tables' columns.
 pub const CREATE_WAVE_TABLE: &str = "CREATE TEMP TABLE IF NOT EXISTS projectionist_wave (\n  \
      pj_wave bigint, pj_position bigint, pj_type text, pj_stream text,\n  \
-     pj_time timestamptz, pj_data jsonb, pj_metadata jsonb, pj_tx xid8) ON COMMIT DELETE ROWS";
+     pj_time timestamptz, pj_data jsonb, pj_metadata jsonb) ON COMMIT DELETE ROWS";
 
 /// The alias of the wave's events in a rewritten statement.
 const EVENT: &str = "projectionist_ev";

@@ -3,8 +3,9 @@
 //! PostgreSQL with no round trip per event.
 //!
 //! The function lives in `pg_temp` (one per session), reads the batch's events
-//! itself, decodes each payload (json, jsonb, text or bytea holding UTF-8
-//! JSON), runs the handler statements with the event's values held in
+//! itself, decodes the payload and metadata its handlers read (json, jsonb,
+//! text or bytea holding UTF-8 JSON; one no handler reads may be anything),
+//! runs the handler statements with the event's values held in
 //! PL/pgSQL variables (PL/pgSQL binds them as parameters: event data never
 //! becomes SQL text), and catches the first failure to report the failing
 //! event's position, type and stream with the database's message, detail and
@@ -43,7 +44,7 @@ use super::set_wise::{self, CREATE_WAVE_TABLE};
 use crate::db::{RowExt, quote_literal};
 use crate::failure::{HandlerFailure, Origin};
 use crate::manifest::Projector;
-use crate::manifest::sql_text::{Statement, ValueNames};
+use crate::manifest::sql_text::{Statement, Value, ValueNames};
 use crate::store::{Position, StoreShape};
 
 /// Names of the PL/pgSQL variables that hold the current event.
@@ -124,7 +125,9 @@ const BATCH_FUNCTION: &str = include_str!("batch_function.plpgsql");
 
 /// Where in an event's processing the function failed.
 const STAGE_READING: i32 = 0;
-const STAGE_DECODING: i32 = 1;
+const STAGE_DECODING_DATA: i32 = 1;
+const STAGE_HANDLING: i32 = 2;
+const STAGE_DECODING_METADATA: i32 = 3;
 
 /// Events handled before the first re-planning (see the module's doc).
 const REPLAN_AFTER: i64 = 1_000;
@@ -204,35 +207,47 @@ impl CompiledProjector {
             .collect();
         let types = projector.event_types();
         let range = store.range("p_after_tx", "p_after", "p_upto_tx", "p_upto");
+        let reads = ValuesRead::of(projector);
+        // A payload no handler reads is not decoded: it cannot break the projector.
+        let (data_raw, data) = if reads.data {
+            (
+                store.data.column(),
+                store.data.decode("projectionist_data_raw"),
+            )
+        } else {
+            (format!("NULL::{}", store.data.type_name), "NULL".into())
+        };
         let (metadata_raw_type, metadata_raw, metadata) = match &store.metadata {
-            Some(m) => (
+            Some(m) if reads.metadata => (
                 m.type_name.clone(),
                 m.column(),
                 m.decode("projectionist_metadata_raw"),
             ),
-            None => ("jsonb".into(), "NULL::jsonb".into(), "NULL".into()),
+            _ => ("jsonb".into(), "NULL::jsonb".into(), "NULL".into()),
         };
-        let metadata_set = match &store.metadata {
-            Some(m) => m.decode(&m.column()),
-            None => "NULL::jsonb".into(),
-        };
+        let (wave_columns, wave_values) = reads.wave_values(store);
         let values = [
             ("__WAVE_SIZE__", WAVE_SIZE.to_string()),
             ("__WAVE_TABLE__", set_wise::WAVE_TABLE.to_string()),
             ("__WAVE_STATEMENTS__", wave_statements),
             ("__NOT_THE_HANDLERS__", NOT_THE_HANDLERS.to_string()),
             ("__TIMED_OUT__", TIMED_OUT_SET_WISE.to_string()),
-            ("__DATA_SET__", store.data.decode(&store.data.column())),
-            ("__METADATA_SET__", metadata_set),
+            ("__WAVE_COLUMNS__", wave_columns),
+            ("__WAVE_VALUES__", wave_values),
             ("__DATA_RAW_TYPE__", store.data.type_name.clone()),
             ("__METADATA_RAW_TYPE__", metadata_raw_type),
             ("__STAGE_READING__", STAGE_READING.to_string()),
-            ("__STAGE_DECODING__", STAGE_DECODING.to_string()),
+            ("__STAGE_DECODING_DATA__", STAGE_DECODING_DATA.to_string()),
+            ("__STAGE_HANDLING__", STAGE_HANDLING.to_string()),
+            (
+                "__STAGE_DECODING_METADATA__",
+                STAGE_DECODING_METADATA.to_string(),
+            ),
             ("__POSITION__", store.position_expr()),
             ("__TYPE__", store.type_expr()),
             ("__STREAM__", store.stream_expr()),
             ("__TIME__", store.time_expr()),
-            ("__DATA_RAW__", store.data.column()),
+            ("__DATA_RAW__", data_raw),
             ("__METADATA_RAW__", metadata_raw),
             ("__TX__", store.tx_expr()),
             ("__RELATION__", store.relation()),
@@ -240,7 +255,7 @@ impl CompiledProjector {
             ("__FILTER__", store.filter_expr()),
             ("__TYPES__", store.type_filter(types.as_deref())),
             ("__ORDER__", store.order()),
-            ("__DATA__", store.data.decode("projectionist_data_raw")),
+            ("__DATA__", data),
             ("__METADATA__", metadata),
             ("__CASES__", cases),
         ];
@@ -402,10 +417,16 @@ impl CompiledProjector {
             failure.event_type = String::new();
             failure.stream = None;
             failure.message = format!("reading the event failed: {}", failure.message);
-        } else if stage == STAGE_DECODING {
+        } else if stage == STAGE_DECODING_DATA {
             failure.message = format!(
                 "the event's payload is not UTF-8 JSON ({}): {}",
                 shape.data.type_name, failure.message
+            );
+        } else if stage == STAGE_DECODING_METADATA {
+            let type_name = shape.metadata.as_ref().map_or("", |m| &m.type_name);
+            failure.message = format!(
+                "the event's metadata is not UTF-8 JSON ({type_name}): {}",
+                failure.message
             );
         }
         Ok(BatchOutcome::Failed {
@@ -436,6 +457,71 @@ fn set_wise_statements(projector: &Projector) -> Result<Vec<String>, String> {
         }
     }
     Ok(rewritten)
+}
+
+/// The event values a projector's handlers read (its type is always read).
+/// A value none reads is neither decoded nor copied into a wave: a payload
+/// that does not decode breaks only a projector that reads it.
+struct ValuesRead {
+    position: bool,
+    stream: bool,
+    time: bool,
+    data: bool,
+    metadata: bool,
+}
+
+impl ValuesRead {
+    fn of(projector: &Projector) -> ValuesRead {
+        let reads = |wanted: fn(&Value) -> bool| {
+            projector
+                .handlers
+                .iter()
+                .flat_map(|h| &h.statements)
+                .any(|s| s.values().any(wanted))
+        };
+        ValuesRead {
+            position: reads(|v| matches!(v, Value::Position)),
+            stream: reads(|v| matches!(v, Value::Stream)),
+            time: reads(|v| matches!(v, Value::Time)),
+            data: reads(|v| matches!(v, Value::Data(_))),
+            metadata: reads(|v| matches!(v, Value::Metadata(_))),
+        }
+    }
+
+    /// The columns of the wave table these values fill, beyond its wave,
+    /// type and stream (`, pj_time, pj_data`), and the store's expressions
+    /// that fill them (`, e.time AS pj_time, …`). The stream is always read
+    /// (the waves are numbered by it) but written only when read.
+    fn wave_values(&self, store: &StoreShape) -> (String, String) {
+        let metadata = match &store.metadata {
+            Some(m) => m.decode(&m.column()),
+            None => "NULL::jsonb".into(),
+        };
+        // (column, read, its expression when not already selected)
+        let candidates = [
+            (
+                "pj_position",
+                self.position,
+                Some(format!("{}::bigint", store.position_expr())),
+            ),
+            ("pj_stream", self.stream, None),
+            ("pj_time", self.time, Some(store.time_expr())),
+            (
+                "pj_data",
+                self.data,
+                Some(store.data.decode(&store.data.column())),
+            ),
+            ("pj_metadata", self.metadata, Some(metadata)),
+        ];
+        let (mut columns, mut values) = (String::new(), String::new());
+        for (column, _, expr) in candidates.into_iter().filter(|(_, read, _)| *read) {
+            columns.push_str(&format!(", {column}"));
+            if let Some(expr) = expr {
+                values.push_str(&format!(", {expr} AS {column}"));
+            }
+        }
+        (columns, values)
+    }
 }
 
 /// Fills the `__TOKEN__`s of a template in one pass: the values (the store's

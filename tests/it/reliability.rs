@@ -357,3 +357,107 @@ async fn sigkill_during_the_alert_command_loses_nothing() {
     db.run(&["boot"]).expect(0);
     assert_eq!(db.count("SELECT count(*) FROM thing_log").await, 1_000);
 }
+
+/// A store whose payload and metadata are text: event 1500's payload and
+/// event 2000's metadata are not JSON. A projector breaks at the first row it
+/// reads that does not decode, and only then; one that reads neither (a count
+/// per stream) projects every event, event by event and set-wise alike.
+#[tokio::test]
+async fn a_row_that_does_not_decode_breaks_only_the_projectors_that_read_it() {
+    let db = TestDb::new().await;
+    let c = db.client().await;
+    c.batch_execute(
+        "CREATE TABLE loose (id bigserial PRIMARY KEY, type text NOT NULL, stream text NOT NULL, \
+           data text NOT NULL, metadata text); \
+         INSERT INTO loose (type, stream, data, metadata) \
+         SELECT 'Thing', 's' || (g % 100), \
+                CASE WHEN g = 1500 THEN 'not json' ELSE format('{\"i\": %s}', g) END, \
+                CASE WHEN g = 2000 THEN '{broken' ELSE '{\"by\": \"test\"}' END \
+         FROM generate_series(1, 3000) g; \
+         CREATE TABLE payload (id bigint PRIMARY KEY, i int); \
+         CREATE TABLE payload_in_parts (id bigint PRIMARY KEY, i int); \
+         CREATE TABLE meta (id bigint PRIMARY KEY, by_whom text); \
+         CREATE TABLE counted (stream text PRIMARY KEY, n int NOT NULL); \
+         CREATE TABLE counted_in_parts (stream text PRIMARY KEY, n int NOT NULL)",
+    )
+    .await
+    .unwrap();
+    let count = |q: &str, partitions: i32| {
+        format!(
+            "[projectors.{q}]\npartitions = {partitions}\n\
+             on.Thing = \"INSERT INTO {q} AS c VALUES (:stream, 1) ON CONFLICT (stream) DO UPDATE SET n = c.n + 1\"\n"
+        )
+    };
+    db.write_manifest(&format!(
+        "[store]\ntable = \"loose\"\nposition = \"id\"\ntype = \"type\"\ndata = \"data\"\n\
+         stream = \"stream\"\nmetadata = \"metadata\"\n\n\
+         [projectors.payload]\non.Thing = \"INSERT INTO payload VALUES (:position, (:data.i)::int)\"\n\
+         [projectors.payload_in_parts]\npartitions = 2\n\
+         on.Thing = \"INSERT INTO payload_in_parts VALUES (:position, (:data.i)::int)\"\n\
+         [projectors.meta]\non.Thing = \"INSERT INTO meta VALUES (:position, :metadata.by)\"\n{}{}",
+        count("counted", 1),
+        count("counted_in_parts", 2)
+    ));
+    for q in ["counted", "counted_in_parts"] {
+        let run = db.run(&["boot", "-v", q]);
+        run.expect(0);
+        if q == "counted_in_parts" {
+            assert!(
+                run.stderr
+                    .lines()
+                    .any(|l| l.contains("projector `counted_in_parts`: ")
+                        && l.contains("applied set-wise")),
+                "not applied set-wise:\n{}",
+                run.stderr
+            );
+        }
+        assert_eq!(
+            db.count(&format!("SELECT sum(n) FROM {q}")).await,
+            3_000,
+            "{q}"
+        );
+        assert_eq!(db.ledger(q).await.unwrap().0, "live", "{q}");
+    }
+    for (q, at, what) in [
+        ("payload", 1_500, "payload is not UTF-8 JSON (text)"),
+        (
+            "payload_in_parts",
+            1_500,
+            "payload is not UTF-8 JSON (text)",
+        ),
+        ("meta", 2_000, "metadata is not UTF-8 JSON (text)"),
+    ] {
+        let run = db.run(&["boot", q]);
+        run.expect(1);
+        assert!(
+            run.stderr.contains(&format!("event #{at} (Thing")) && run.stderr.contains(what),
+            "{q}: {}",
+            run.stderr
+        );
+        assert_eq!(db.ledger(q).await.unwrap().0, "broken", "{q}");
+        // Every event before the broken one was projected, none after.
+        assert_eq!(
+            db.count(&format!("SELECT count(*) FROM {q} WHERE id < {at}"))
+                .await,
+            at - 1,
+            "{q}"
+        );
+        // None after it in its part (the other part may be further on).
+        let same_part = if q == "payload_in_parts" {
+            format!(
+                "AND id IN (SELECT id FROM loose WHERE stream = 's{}')",
+                at % 100
+            )
+        } else {
+            String::new()
+        };
+        assert_eq!(
+            db.count(&format!(
+                "SELECT count(*) FROM {q} WHERE id >= {at} {same_part}"
+            ))
+            .await,
+            0,
+            "{q}"
+        );
+    }
+}
