@@ -123,11 +123,11 @@ pub enum BatchOutcome {
 /// expressions and the handlers.
 const BATCH_FUNCTION: &str = include_str!("batch_function.plpgsql");
 
-/// Where in an event's processing the function failed.
+/// Where in an event's processing the function failed, in their order.
 const STAGE_READING: i32 = 0;
 const STAGE_DECODING_DATA: i32 = 1;
-const STAGE_HANDLING: i32 = 2;
-const STAGE_DECODING_METADATA: i32 = 3;
+const STAGE_DECODING_METADATA: i32 = 2;
+const STAGE_HANDLING: i32 = 3;
 
 /// Events handled before the first re-planning (see the module's doc).
 const REPLAN_AFTER: i64 = 1_000;
@@ -238,11 +238,11 @@ impl CompiledProjector {
             ("__METADATA_RAW_TYPE__", metadata_raw_type),
             ("__STAGE_READING__", STAGE_READING.to_string()),
             ("__STAGE_DECODING_DATA__", STAGE_DECODING_DATA.to_string()),
-            ("__STAGE_HANDLING__", STAGE_HANDLING.to_string()),
             (
                 "__STAGE_DECODING_METADATA__",
                 STAGE_DECODING_METADATA.to_string(),
             ),
+            ("__STAGE_HANDLING__", STAGE_HANDLING.to_string()),
             ("__POSITION__", store.position_expr()),
             ("__TYPE__", store.type_expr()),
             ("__STREAM__", store.stream_expr()),
@@ -386,9 +386,9 @@ impl CompiledProjector {
             Some(id) => Some(Position::from_parts(row.col(2)?, id)?),
             None => None,
         };
-        let stage: i32 = row.col::<Option<i32>>(12)?.unwrap_or(2);
+        let stage: i32 = row.col::<Option<i32>>(12)?.unwrap_or(STAGE_HANDLING);
         let mut failure = HandlerFailure {
-            origin: if stage == 2 {
+            origin: if stage == STAGE_HANDLING {
                 Origin::Handler
             } else {
                 Origin::Event

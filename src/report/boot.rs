@@ -77,7 +77,7 @@ pub fn failure(report: &BootReport) -> Option<String> {
             b.projector
         ),
         Origin::Event => format!(
-            "the event at #{} (its payload, or the [store] expression that reads it)",
+            "the event at #{} (its payload or metadata, or the [store] expression that reads it)",
             f.position
         ),
         Origin::Handler => format!(
